@@ -1,0 +1,108 @@
+"""``diffattr`` command line: each subcommand parses its flags and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from .config import AttributionConfig, ScoringConfig
+from .errors import DiffattrError
+
+# Flag names that read better than the field names; every other field maps to --field-name.
+_FLAG_NAMES = {"num_timesteps": "--timesteps", "num_draws": "--draws", "learning_rate": "--lr"}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
+    group = parser.add_argument_group(config_class.__name__, config_class.__doc__.splitlines()[0])
+    for f in dataclasses.fields(config_class):
+        flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        group.add_argument(
+            flag,
+            dest=f.name,
+            type=type(f.default),
+            default=f.default,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+
+
+def _config_from(args: argparse.Namespace, config_class):
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def _add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="local diffusers pipeline or UNet folder")
+    parser.add_argument("--scheduler", type=Path, help="scheduler folder, for a bare UNet folder --model")
+    parser.add_argument("--train", required=True, type=Path, help="training image folder (imagefolder layout)")
+    parser.add_argument("--run-dir", required=True, type=Path, help="where caches and results are stored")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: auto)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(parser, ScoringConfig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffattr", description="Which training images made this generated image?")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cache = commands.add_parser(
+        "cache", help="encode the training set and compute the baseline losses (once per model)"
+    )
+    _add_common_flags(cache)
+
+    attribute = commands.add_parser("attribute", help="rank the training images by influence on query images")
+    _add_common_flags(attribute)
+    attribute.add_argument("--query", required=True, action="append", type=Path, help="query image (repeatable)")
+    attribute.add_argument(
+        "--label", action="append", type=int, help="class label of the queries (once for all, or once per --query)"
+    )
+    attribute.add_argument("--top-k", type=int, default=10, help="training images to list per query (default: 10)")
+    _add_config_flags(attribute, AttributionConfig)
+
+    demo = commands.add_parser("demo", help="offline demo: bundled toy model and digits → attributions")
+    demo.add_argument("--out", type=Path, default=Path("diffattr-demo"), help="output folder (default: diffattr-demo)")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _attributor(args, **extra):
+    from .attributor import Attributor
+
+    return Attributor(
+        args.model,
+        args.train,
+        args.run_dir,
+        scoring=_config_from(args, ScoringConfig),
+        scheduler=args.scheduler,
+        device=args.device,
+        progress=not args.quiet,
+        **extra,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.command == "cache":
+        attributor = _attributor(args)
+        baseline = attributor.cache()
+        print(f"baseline {tuple(baseline.shape)} (images × timesteps) in {attributor.run.path}")
+    elif args.command == "attribute":
+        attributor = _attributor(args, attribution=_config_from(args, AttributionConfig))
+        labels = args.label[0] if args.label and len(args.label) == 1 else args.label
+        for result in attributor.attribute(args.query, labels=labels, top_k=args.top_k):
+            print(result.table())
+        print(f"\nresults in {attributor.run.path / 'queries'}")
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args.out, device=args.device, progress=not args.quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except DiffattrError as error:
+        print(f"diffattr: error: {error}", file=sys.stderr)
+        return 2
+    return 0

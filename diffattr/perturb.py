@@ -1,0 +1,98 @@
+"""The only gradients Forward-INF takes: a few bounded optimizer steps of a copy on the query.
+
+Descent trains the copy on the query (the mirrored direction: training images that helped make
+the query get easier too); ascent unlearns it. The caller's UNet is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+
+from .config import AttributionConfig
+from .errors import DiffattrError
+from .losses import add_noise, denoising_target, per_sample_mse
+from .models import DiffusionModel
+
+_ATTENTION = re.compile(r"attn|attention")
+
+
+def select_parameters(unet: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """The named parameters that move: ``all``, ``attention``, or those whose name matches a regex."""
+    named = list(unet.named_parameters())
+    if which == "all":
+        return named
+    pattern = _ATTENTION if which == "attention" else re.compile(which)
+    chosen = [(name, p) for name, p in named if pattern.search(name)]
+    if not chosen:
+        raise DiffattrError(f"--params {which!r} matches no parameter of this UNet")
+    return chosen
+
+
+def query_loss(
+    model: DiffusionModel,
+    unet: torch.nn.Module,
+    query: torch.Tensor,
+    condition: torch.Tensor | None,
+    *,
+    draws: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mean denoising loss of one query over ``draws`` random (timestep, noise) pairs.
+
+    Args:
+        query: ``(C, H, W)`` encoding of the query.
+        condition: the query's condition with a leading batch dimension of 1, or ``None``.
+    """
+    device = model.device
+    t = torch.randint(0, model.num_train_timesteps, (draws,), generator=generator).to(device)
+    noise = torch.randn((draws, *query.shape), generator=generator).to(device)
+    clean = query.to(device).expand(draws, *query.shape)
+    alpha_bar = model.alphas_cumprod.to(device)[t]
+    conditions = None if condition is None else condition.to(device).expand(draws, *condition.shape[1:])
+    prediction = model.predict(add_noise(clean, noise, alpha_bar), t, conditions, unet=unet)
+    return per_sample_mse(prediction, denoising_target(clean, noise, alpha_bar, model.prediction_type)).mean()
+
+
+def perturbed_copy(
+    model: DiffusionModel,
+    query: torch.Tensor,
+    condition: torch.Tensor | None,
+    config: AttributionConfig,
+    *,
+    seed: int,
+) -> tuple[torch.nn.Module, list[float]]:
+    """A copy of the model's UNet after ``config.steps`` optimizer steps on the query.
+
+    Args:
+        model: the model; its UNet is copied, never modified.
+        query: ``(C, H, W)`` encoding of the query.
+        condition: ``(1, ...)`` condition of the query, or ``None``.
+        config: direction, steps, learning rate, optimizer, parameters that move, draws per step.
+        seed: seeds the (timestep, noise) draws, so the same query gives the same copy.
+
+    Returns:
+        The perturbed UNet (eval mode, no gradients) and the query loss before each step.
+    """
+    unet = copy.deepcopy(model.unet)
+    moving = [p for _, p in select_parameters(unet, config.params)]
+    for parameter in moving:
+        parameter.requires_grad_(True)
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(moving, lr=config.learning_rate)
+    else:
+        optimizer = torch.optim.SGD(moving, lr=config.learning_rate)
+    sign = 1.0 if config.direction == "descent" else -1.0
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    # Eval mode keeps dropout off: the copy differs from the model only by the steps taken.
+    unet.eval()
+    for _ in range(config.steps):
+        loss = query_loss(model, unet, query, condition, draws=config.draws_per_step, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        (sign * loss).backward()
+        optimizer.step()
+        history.append(loss.item())
+    return unet.requires_grad_(False), history

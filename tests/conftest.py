@@ -1,0 +1,54 @@
+"""Tiny models and image folders built on the fly: no downloads, a few seconds to make."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from PIL import Image
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_tiny_model(folder: Path, *, prediction_type="epsilon", num_class_embeds=None, seed=0) -> Path:
+    """Saves a randomly initialised 8×8 grayscale DDPM pipeline (≈20k parameters)."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def write_images(folder: Path, count: int, *, seed=0, size=8, labels=True) -> Path:
+    """``count`` random grayscale PNGs in two subfolders, with labels and captions."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        name = f"{'ab'[i % 2]}/img_{i:03d}.png"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(folder / name)
+        rows.append({"file_name": name, "text": f"image {i}", **({"label": i % 3} if labels else {})})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("tiny_data"), 12)

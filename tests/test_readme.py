@@ -1,0 +1,28 @@
+"""The README's commands and examples are the ones that run."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = re.findall(r"```bash\n(.+?)\n```", README)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command.strip() in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    (example,) = re.findall(r"```python\n(.+?)```", README, flags=re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    assert "digits/3/0013.png" in capsys.readouterr().out.splitlines()[3]  # ranks itself first
+    assert (tmp_path / "runs" / "toy" / "baseline.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["cache", "attribute", "demo"])
+def test_readme_documents_every_command(name):
+    assert f"diffattr {name}" in README

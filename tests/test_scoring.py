@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from diffattr.scoring import aggregate, mean_delta, prediction_change, relative_delta, top_k, zscore_delta
+
+BASELINE = torch.tensor([[1.0, 0.1], [1.0, 0.1], [2.0, 0.2]])
+AFTER = torch.tensor([[0.5, 0.05], [1.0, 0.1], [2.2, 0.22]])  # image 0 helped, 1 untouched, 2 hurt
+
+
+def test_mean_delta_signs_make_higher_more_influential():
+    delta = AFTER - BASELINE
+    assert torch.allclose(mean_delta(delta, direction="descent"), torch.tensor([0.275, 0.0, -0.11]))
+    assert torch.allclose(mean_delta(delta, direction="ascent"), -mean_delta(delta, direction="descent"))
+
+
+def test_relative_delta_weighs_timesteps_by_their_own_scale():
+    scores = relative_delta(AFTER - BASELINE, BASELINE, direction="descent")
+    assert torch.allclose(scores, torch.tensor([0.5, 0.0, -0.1]))
+
+
+def test_zscore_delta_on_known_columns():
+    delta = torch.tensor([[-2.0, -20.0], [0.0, 0.0], [2.0, 20.0]])
+    assert torch.allclose(zscore_delta(delta, direction="descent"), torch.tensor([1.0, 0.0, -1.0]))
+
+
+def test_prediction_change_is_unsigned_and_normalised():
+    change = torch.tensor([[0.5, 0.05], [0.0, 0.0], [0.2, 0.02]])
+    assert torch.allclose(prediction_change(change, BASELINE), torch.tensor([0.5, 0.0, 0.1]))
+
+
+@pytest.mark.parametrize("aggregation", ["relative", "loss", "zscore"])
+def test_aggregate_ranks_the_helpful_image_first(aggregation):
+    scores = aggregate(aggregation, baseline=BASELINE, after=AFTER, direction="descent")
+    assert scores.argmax() == 0 and scores.argmin() == 2
+
+
+def test_aggregate_prediction_needs_the_change_matrix():
+    with pytest.raises(ValueError, match="prediction change"):
+        aggregate("prediction", baseline=BASELINE, after=AFTER, direction="descent")
+
+
+def test_top_k_is_stable_on_ties():
+    values, indices = top_k(torch.tensor([0.1, 0.5, 0.5, 0.2]), 3)
+    assert indices.tolist() == [1, 2, 3]
+    assert values.tolist() == pytest.approx([0.5, 0.5, 0.2])
