@@ -2,7 +2,7 @@
 
 Both are measured in this one run, alternating, on the same rows (training image × timestep):
 - raw: ``unet(x, t)`` on pre-made batches under ``inference_mode`` — the ceiling;
-- engine: :func:`diffattr.losses.loss_matrix` — noise derived per (image, timestep, draw), the
+- engine: ``Attributor.score_training_set`` (``losses.loss_matrix``) — noise derived per (image, timestep, draw), the
   forward process, the target, the per-row loss and the bookkeeping.
 Prints rows/s for each and their ratio (target ≥ 0.9), then the per-query split of perturbation
 and scoring time of one attribution.
@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from diffattr import AttributionConfig, Attributor, DiffusionModel, ScoringConfig
+from diffattr import Attributor, DiffusionModel, ScoringConfig
 from diffattr.demo import toy_paths
-from diffattr.losses import loss_matrix
 
 
 def parse_args():
@@ -47,7 +46,7 @@ def main(args):
     with tempfile.TemporaryDirectory() as run_dir:
         scoring = ScoringConfig(num_timesteps=args.timesteps, batch_size=args.batch_size)
         attributor = Attributor(model, args.train, run_dir, scoring=scoring, progress=False)
-        encodings, conditions = attributor.encodings()
+        conditions = attributor.encodings()[1]
         rows = len(attributor.ids) * args.timesteps
         inputs = torch.randn(args.batch_size, *model.sample_shape, device=device)
         steps = torch.randint(0, model.num_train_timesteps, (args.batch_size,), device=device)
@@ -60,17 +59,7 @@ def main(args):
                     model.predict(inputs[:n], steps[:n], None if labels is None else labels[:n])
 
         def engine():
-            loss_matrix(
-                model,
-                encodings,
-                conditions,
-                attributor.ids,
-                timesteps=attributor.timesteps,
-                num_draws=1,
-                seed=0,
-                batch_size=args.batch_size,
-                progress=False,
-            )
+            attributor.score_training_set(description="engine")
 
         timings = {"raw": [], "engine": []}
         raw()  # warm-up
@@ -90,7 +79,6 @@ def main(args):
         print(f"engine       {rate['engine']:9.0f} rows/s")
         print(f"ratio engine/raw = {rate['engine'] / rate['raw']:.3f}  (target ≥ 0.9)")
 
-        attributor.attribution = AttributionConfig()
         query = attributor.data.records[0].path
         (result,) = attributor.attribute(query, top_k=1)
         t = result.timings

@@ -21,7 +21,7 @@ from . import __version__
 from .config import AttributionConfig, ScoringConfig
 from .data import ImageFolder, file_digest, load_image, save_image
 from .errors import DiffattrError
-from .losses import loss_matrix
+from .losses import LossMatrix, loss_matrix
 from .models import DiffusionModel
 from .noise import noise_key, timestep_grid
 from .perturb import perturbed_copy
@@ -190,8 +190,20 @@ class Attributor:
         if self.run.exists(BASELINE_FILE):
             self._baseline = read_tensors(self.run.file(BASELINE_FILE))["baseline"]
             return self._baseline
+        matrix = self.score_training_set(description="baseline")
+        write_tensors(self.run.file(BASELINE_FILE), {"baseline": matrix.losses, "timesteps": self.timesteps})
+        self._baseline = matrix.losses
+        return self._baseline
+
+    def score_training_set(self, *, description: str, **unets) -> LossMatrix:
+        """One forward pass over the training set on the run's grid and noise (see ``loss_matrix``).
+
+        Args:
+            description: progress-bar label.
+            **unets: ``unet`` (network to score) and ``reference_unet``, as in ``loss_matrix``.
+        """
         encodings, conditions = self.encodings()
-        matrix = loss_matrix(
+        return loss_matrix(
             self.model,
             encodings,
             conditions,
@@ -201,11 +213,9 @@ class Attributor:
             seed=self.scoring.seed,
             batch_size=self.scoring.batch_size,
             progress=self.progress,
-            description="baseline",
+            description=description,
+            **unets,
         )
-        write_tensors(self.run.file(BASELINE_FILE), {"baseline": matrix.losses, "timesteps": self.timesteps})
-        self._baseline = matrix.losses
-        return self._baseline
 
     # -- attribute: one perturbation and one scoring pass per query ------------------------------
 
@@ -255,19 +265,9 @@ class Attributor:
             self.model, query, condition, self.attribution, seed=noise_key(self.scoring.seed, "perturb:" + query_id)
         )
         perturb_seconds = time.perf_counter() - start
-        encodings, conditions = self.encodings()
-        matrix = loss_matrix(
-            self.model,
-            encodings,
-            conditions,
-            self.ids,
-            timesteps=self.timesteps,
-            num_draws=self.scoring.num_draws,
-            seed=self.scoring.seed,
-            batch_size=self.scoring.batch_size,
+        matrix = self.score_training_set(
             unet=perturbed,
             reference_unet=self.model.unet if self.attribution.aggregation == "prediction" else None,
-            progress=self.progress,
             description=f"scoring {path.name}",
         )
         score_seconds = time.perf_counter() - start - perturb_seconds

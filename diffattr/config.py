@@ -67,14 +67,14 @@ class ScoringConfig(_JSONConfig):
 class AttributionConfig(_JSONConfig):
     """How a query perturbs the model, and how loss deltas become one score per training image."""
 
-    direction: str = _field("descent", "descent: train the copy on the query; ascent: unlearn it")
+    direction: str = _field("ascent", "descent: train the copy on the query; ascent: unlearn it")
     steps: int = _field(10, "optimizer steps on the query (0 leaves the model unchanged)")
-    learning_rate: float = _field(1e-3, "optimizer step size")
+    learning_rate: float = _field(1e-4, "optimizer step size")
     optimizer: str = _field("adam", "adam or sgd")
     params: str = _field("all", "which UNet parameters move: all, attention, or a regular expression on their names")
     draws_per_step: int = _field(64, "(timestep, noise) draws of the query per optimizer step")
     aggregation: str = _field(
-        "relative",
+        "loss",
         "relative: mean over t of Δ/B; loss: mean Δ; zscore: mean of per-timestep z-scored Δ; "
         "prediction: mean change of the model's prediction (two forward passes per row)",
     )

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import DiffattrError
+
 
 def timestep_grid(num_train_timesteps: int, num_timesteps: int) -> torch.Tensor:
     """The centres of ``num_timesteps`` equal bins of ``[0, num_train_timesteps)``.
@@ -21,8 +23,8 @@ def timestep_grid(num_train_timesteps: int, num_timesteps: int) -> torch.Tensor:
         Long tensor of shape ``(K,)``, strictly increasing.
     """
     if not 1 <= num_timesteps <= num_train_timesteps:
-        raise ValueError(
-            f"`num_timesteps`={num_timesteps}: must be between 1 and the scheduler's "
+        raise DiffattrError(
+            f"--timesteps {num_timesteps}: must be between 1 and the scheduler's "
             f"{num_train_timesteps} training timesteps"
         )
     centres = (torch.arange(num_timesteps, dtype=torch.float64) + 0.5) * num_train_timesteps / num_timesteps

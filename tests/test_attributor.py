@@ -52,11 +52,11 @@ def test_a_different_config_on_the_same_run_dir_is_refused(tmp_path, tiny_model,
     _attributor(tiny_model, tiny_data, tmp_path).attribute(tiny_data / "a" / "img_000.png")
     with pytest.raises(DiffattrError, match=r"scoring.num_timesteps: 3 → 5"):
         _attributor(tiny_model, tiny_data, tmp_path, scoring=ScoringConfig(num_timesteps=5)).cache()
-    other = AttributionConfig(steps=2, draws_per_step=8, learning_rate=0.5, direction="ascent")
+    other = AttributionConfig(steps=2, draws_per_step=8, learning_rate=0.5, direction="descent")
     with pytest.raises(DiffattrError) as error:
         _attributor(tiny_model, tiny_data, tmp_path, attribution=other).attribute(tiny_data / "a" / "img_000.png")
-    assert "attribution.direction: 'descent' → 'ascent'" in str(error.value)
-    assert "attribution.learning_rate: 0.001 → 0.5" in str(error.value)
+    assert "attribution.direction: 'ascent' → 'descent'" in str(error.value)
+    assert "attribution.learning_rate: 0.0001 → 0.5" in str(error.value)
 
 
 def test_other_data_on_the_same_run_dir_is_refused(tmp_path, tiny_model, tiny_data):

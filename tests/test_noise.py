@@ -1,11 +1,15 @@
+import pytest
 import torch
 
+from diffattr import DiffattrError
 from diffattr.noise import draw_noise, noise_key, timestep_grid
 
 
 def test_timestep_grid_is_bin_centres():
     assert timestep_grid(1000, 10).tolist() == [50, 150, 250, 350, 450, 550, 650, 750, 850, 950]
     assert timestep_grid(100, 1).tolist() == [50]
+    with pytest.raises(DiffattrError, match="--timesteps 101: must be between 1 and the scheduler's 100"):
+        timestep_grid(100, 101)
 
 
 def test_noise_key_depends_on_every_coordinate():
