@@ -148,6 +148,7 @@ class Attributor:
     def encodings(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encodings ``(N, C, H, W)`` and conditions ``(N, ...)`` of the training set, cached."""
         if self._encodings is None:
+            self.run.check_or_write_config(self.run_config(with_attribution=False))
             if self.run.exists(ENCODINGS_FILE):
                 tensors = read_tensors(self.run.file(ENCODINGS_FILE))
             else:
@@ -244,6 +245,8 @@ class Attributor:
             raise DiffattrError(
                 f"--label given {len(labels)} times for {len(queries)} queries: give one, or one per query"
             )
+        if self.model.num_classes is None and any(label is not None for label in labels):
+            raise DiffattrError("--label given, but this model is unconditional: drop --label")
         if top_k < 1:
             raise DiffattrError(f"--top-k {top_k}: must be at least 1")
         pixels = [self._load(path) for path in queries]  # fail on a bad query before any long pass
@@ -262,7 +265,12 @@ class Attributor:
         condition = self.model.conditions([label], [str(path)])
         start = time.perf_counter()
         perturbed, query_losses = perturbed_copy(
-            self.model, query, condition, self.attribution, seed=noise_key(self.scoring.seed, "perturb:" + query_id)
+            self.model,
+            query,
+            condition,
+            self.attribution,
+            seed=noise_key(self.scoring.seed, "perturb:" + query_id),
+            progress=self.progress,
         )
         perturb_seconds = time.perf_counter() - start
         matrix = self.score_training_set(

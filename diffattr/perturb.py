@@ -10,6 +10,7 @@ import copy
 import re
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import AttributionConfig
 from .errors import DiffattrError
@@ -63,6 +64,7 @@ def perturbed_copy(
     config: AttributionConfig,
     *,
     seed: int,
+    progress: bool = False,
 ) -> tuple[torch.nn.Module, list[float]]:
     """A copy of the model's UNet after ``config.steps`` optimizer steps on the query.
 
@@ -72,6 +74,7 @@ def perturbed_copy(
         condition: ``(1, ...)`` condition of the query, or ``None``.
         config: direction, steps, learning rate, optimizer, parameters that move, draws per step.
         seed: seeds the (timestep, noise) draws, so the same query gives the same copy.
+        progress: show a progress bar.
 
     Returns:
         The perturbed UNet (eval mode, no gradients) and the query loss before each step.
@@ -89,7 +92,7 @@ def perturbed_copy(
     history = []
     # Eval mode keeps dropout off: the copy differs from the model only by the steps taken.
     unet.eval()
-    for _ in range(config.steps):
+    for _ in tqdm(range(config.steps), disable=not progress, desc=f"perturbing ({config.direction})"):
         loss = query_loss(model, unet, query, condition, draws=config.draws_per_step, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         (sign * loss).backward()

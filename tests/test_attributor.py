@@ -92,6 +92,11 @@ def test_class_conditional_model_uses_labels(tmp_path, tiny_data):
         _attributor(model_dir, tiny_data, tmp_path / "run").attribute(tiny_data / "a" / "img_000.png")
 
 
+def test_a_label_for_an_unconditional_model_is_refused(tmp_path, tiny_model, tiny_data):
+    with pytest.raises(DiffattrError, match="this model is unconditional: drop --label"):
+        _attributor(tiny_model, tiny_data, tmp_path).attribute(tiny_data / "a" / "img_000.png", labels=1)
+
+
 def test_bare_unet_folder_with_a_scheduler_folder(tmp_path, tiny_model, tiny_data):
     model = DiffusionModel.from_pretrained(tiny_model / "unet", scheduler=tiny_model / "scheduler")
     assert model.fingerprint == DiffusionModel.from_pretrained(tiny_model).fingerprint
