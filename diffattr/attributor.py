@@ -24,7 +24,7 @@ from .errors import DiffattrError
 from .losses import LossMatrix, loss_matrix
 from .models import DiffusionModel
 from .noise import noise_key, timestep_grid
-from .perturb import perturbed_copy
+from .perturb import perturbed_copy, select_parameters
 from .scoring import aggregate, top_k
 from .store import (
     BASELINE_FILE,
@@ -249,9 +249,12 @@ class Attributor:
             raise DiffattrError("--label given, but this model is unconditional: drop --label")
         if top_k < 1:
             raise DiffattrError(f"--top-k {top_k}: must be at least 1")
-        pixels = [self._load(path) for path in queries]  # fail on a bad query before any long pass
-        baseline = self.cache()
+        # Fail on a bad query, label or option before any long pass.
+        pixels = [self._load(path) for path in queries]
+        self.model.conditions(labels, [str(path) for path in queries])
+        select_parameters(self.model.unet, self.attribution.params)
         self.run.check_or_write_config(self.run_config(with_attribution=True))
+        baseline = self.cache()
         return [
             self._attribute_one(path, image, label, baseline, top_k)
             for path, image, label in zip(queries, pixels, labels)

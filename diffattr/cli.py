@@ -7,17 +7,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import AttributionConfig, ScoringConfig
+from .config import AttributionConfig, ScoringConfig, flag_name
 from .errors import DiffattrError
-
-# Flag names that read better than the field names; every other field maps to --field-name.
-_FLAG_NAMES = {"num_timesteps": "--timesteps", "num_draws": "--draws", "learning_rate": "--lr"}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
     group = parser.add_argument_group(config_class.__name__, config_class.__doc__.splitlines()[0])
     for f in dataclasses.fields(config_class):
-        flag = _FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        flag = flag_name(f.name)
         group.add_argument(
             flag,
             dest=f.name,

@@ -12,6 +12,7 @@ Every field carries a help string; the CLI builds its flags from them.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 from .errors import DiffattrError
@@ -21,13 +22,22 @@ OPTIMIZERS = ("adam", "sgd")
 AGGREGATIONS = ("relative", "loss", "zscore", "prediction")
 
 
+# Flags that read better than the field names; every other field maps to --field-name.
+_FLAG_NAMES = {"num_timesteps": "--timesteps", "num_draws": "--draws", "learning_rate": "--lr"}
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field (``learning_rate`` → ``--lr``)."""
+    return _FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
 def _field(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
 def _check(condition: bool, name: str, value, allowed: str) -> None:
     if not condition:
-        raise DiffattrError(f"`{name}`={value!r}: must be {allowed}")
+        raise DiffattrError(f"{flag_name(name)} {value!r}: must be {allowed}")
 
 
 class _JSONConfig:
@@ -87,6 +97,10 @@ class AttributionConfig(_JSONConfig):
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "positive")
         _check(self.draws_per_step >= 1, "draws_per_step", self.draws_per_step, "at least 1")
         _check(bool(self.params), "params", self.params, "all, attention or a regular expression")
+        try:
+            re.compile(self.params)
+        except re.error as error:
+            raise DiffattrError(f"--params {self.params!r}: not a valid regular expression ({error})") from None
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DiffattrError
+from .files import atomic_write
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 METADATA_FILE = "metadata.jsonl"
@@ -84,6 +85,8 @@ def _read_metadata(root: Path) -> dict[str, dict]:
         if not target.is_file():
             raise DiffattrError(f"{where}: file_name {row['file_name']!r} does not exist in {root}")
         image_id = target.relative_to(root).as_posix()
+        if image_id in rows:
+            raise DiffattrError(f"{where}: {image_id!r} is listed twice in {METADATA_FILE}; keep one line")
         text = row.get("text")
         if text is not None and not isinstance(text, str):
             raise DiffattrError(f'{where}: "text" must be a string, got {text!r}')
@@ -182,7 +185,7 @@ def load_image(path: str | os.PathLike, *, resolution: int, channels: int) -> to
             image = image.convert(_MODES[channels])
     except FileNotFoundError:
         raise DiffattrError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
         raise DiffattrError(f"{path}: cannot read this image ({error}); replace or remove the file") from None
     width, height = image.size
     scale = resolution / min(width, height)
@@ -200,8 +203,5 @@ def save_image(tensor: torch.Tensor, path: str | os.PathLike) -> None:
     array = tensor.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte()
     array = array.permute(1, 2, 0).numpy()
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    image.save(temporary, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
-    os.replace(temporary, path)
+    image_format = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
+    atomic_write(Path(path), lambda temporary: image.save(temporary, format=image_format))

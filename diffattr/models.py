@@ -75,7 +75,7 @@ def _locate(path: Path, scheduler_path: Path | None) -> tuple[Path, Path]:
 def _load_scheduler(folder: Path):
     config_path = folder / "scheduler_config.json"
     if not config_path.is_file():
-        raise DiffattrError(f"scheduler folder {folder} has no scheduler_config.json")
+        raise DiffattrError(f"scheduler folder {folder} has no scheduler_config.json (pass --scheduler DIR)")
     class_name = _read_json(config_path).get("_class_name", "DDPMScheduler")
     scheduler_class = getattr(diffusers, class_name, None)
     if scheduler_class is None:
@@ -128,12 +128,16 @@ class DiffusionModel:
             raise DiffattrError(
                 f"{config_path}: {class_name!r} is not supported yet; diffattr scores pixel-space UNet2DModel models"
             )
-        unet = diffusers.UNet2DModel.from_pretrained(unet_folder, torch_dtype=torch.float32)
+        scheduler = _load_scheduler(scheduler_folder)
+        try:
+            unet = diffusers.UNet2DModel.from_pretrained(unet_folder, torch_dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise DiffattrError(f"UNet folder {unet_folder}: cannot load the model ({error})") from None
         unet.requires_grad_(False).eval().to(resolve_device(device))
         fingerprint = hashlib.sha256(
             (_folder_digest(unet_folder) + _folder_digest(scheduler_folder)).encode()
         ).hexdigest()
-        return cls(unet, _load_scheduler(scheduler_folder), str(path.resolve()), fingerprint)
+        return cls(unet, scheduler, str(path.resolve()), fingerprint)
 
     @property
     def device(self) -> torch.device:
@@ -203,5 +207,5 @@ class DiffusionModel:
         unet: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """The network's output for a batch; ``unet`` overrides the model's own (a perturbed copy)."""
-        unet = unet or self.unet
+        unet = self.unet if unet is None else unet
         return unet(noisy, timesteps, class_labels=conditions).sample

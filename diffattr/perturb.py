@@ -92,10 +92,11 @@ def perturbed_copy(
     history = []
     # Eval mode keeps dropout off: the copy differs from the model only by the steps taken.
     unet.eval()
-    for _ in tqdm(range(config.steps), disable=not progress, desc=f"perturbing ({config.direction})"):
-        loss = query_loss(model, unet, query, condition, draws=config.draws_per_step, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        (sign * loss).backward()
-        optimizer.step()
-        history.append(loss.item())
+    with torch.inference_mode(False), torch.enable_grad():  # works inside a caller's no_grad block too
+        for _ in tqdm(range(config.steps), disable=not progress, desc=f"perturbing ({config.direction})"):
+            loss = query_loss(model, unet, query, condition, draws=config.draws_per_step, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            (sign * loss).backward()
+            optimizer.step()
+            history.append(loss.item())
     return unet.requires_grad_(False), history

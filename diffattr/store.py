@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import config_differences
 from .errors import DiffattrError
+from .files import atomic_write
 
 CONFIG_FILE = "config.json"
 IDS_FILE = "ids.json"
@@ -35,21 +35,8 @@ CHECKED_SECTIONS = ("model", "data", "scoring", "attribution")
 UNCHECKED_KEYS = {"source", "root"}
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Calls ``write(temporary_path)``, then renames over ``path``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, value) -> None:
-    _atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8"))
 
 
 def read_json(path: Path):
@@ -61,7 +48,7 @@ def read_json(path: Path):
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
-    _atomic_write(Path(path), lambda p: save_file(tensors, p, metadata=metadata))
+    atomic_write(Path(path), lambda p: save_file(tensors, p, metadata=metadata))
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -89,7 +89,30 @@ def test_class_conditional_model_uses_labels(tmp_path, tiny_data):
     assert torch.isfinite(result.scores).all()
     assert attributor.encodings()[1].tolist() == [0, 2, 1, 0, 2, 1, 1, 0, 2, 1, 0, 2]
     with pytest.raises(DiffattrError, match="label None is not a class of this model"):
-        _attributor(model_dir, tiny_data, tmp_path / "run").attribute(tiny_data / "a" / "img_000.png")
+        _attributor(model_dir, tiny_data, tmp_path / "other").attribute(tiny_data / "a" / "img_000.png")
+    assert not (tmp_path / "other" / "baseline.safetensors").exists()  # refused before the long pass
+
+
+def test_bad_params_are_refused_before_the_baseline(tmp_path, tiny_model, tiny_data):
+    with pytest.raises(DiffattrError, match="--params '\\[': not a valid regular expression"):
+        AttributionConfig(params="[")
+    attributor = _attributor(tiny_model, tiny_data, tmp_path, attribution=AttributionConfig(params="nothing_here"))
+    with pytest.raises(DiffattrError, match="--params 'nothing_here' matches no parameter"):
+        attributor.attribute(tiny_data / "a" / "img_000.png")
+    assert not (tmp_path / "baseline.safetensors").exists()
+
+
+def test_attribute_works_inside_a_no_grad_block(tmp_path, tiny_model, tiny_data):
+    with torch.no_grad():
+        (result,) = _attributor(tiny_model, tiny_data, tmp_path).attribute(tiny_data / "a" / "img_000.png")
+    assert result.deltas.abs().sum() > 0
+
+
+def test_a_pipeline_without_its_scheduler_is_a_clear_error(tmp_path, tiny_model):
+    shutil.copytree(tiny_model, tmp_path / "model")
+    shutil.rmtree(tmp_path / "model" / "scheduler")
+    with pytest.raises(DiffattrError, match="has no scheduler_config.json"):
+        DiffusionModel.from_pretrained(tmp_path / "model")
 
 
 def test_a_label_for_an_unconditional_model_is_refused(tmp_path, tiny_model, tiny_data):

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -76,6 +77,18 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, tiny_model):
     ]
 
 
+def test_corrupt_training_image_is_named(tmp_path, tiny_model, tiny_data, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "b" / "img_007.png").write_bytes(b"GIF89a garbage")
+    code = main(
+        ["cache", "--model", str(tiny_model), "--train", str(data), "--run-dir", str(tmp_path / "run"), "--quiet"]
+    )
+    assert code == 2
+    assert f"{data / 'b' / 'img_007.png'}: cannot read this image" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "encodings.safetensors").exists()
+
+
 def test_invalid_option_names_the_flag(tmp_path, tiny_model, tiny_data, capsys):
     code = main(
         [
@@ -94,4 +107,4 @@ def test_invalid_option_names_the_flag(tmp_path, tiny_model, tiny_data, capsys):
         ]
     )
     assert code == 2
-    assert "`direction`='sideways': must be one of ('descent', 'ascent')" in capsys.readouterr().err
+    assert "--direction 'sideways': must be one of ('descent', 'ascent')" in capsys.readouterr().err

@@ -90,6 +90,9 @@ def test_bad_metadata_lines_name_the_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png", "label": "cat"}\n')
     with pytest.raises(DiffattrError, match="`label` must be an integer"):
         ImageFolder(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png"}\n{"file_name": "./x.png"}\n')
+    with pytest.raises(DiffattrError, match="metadata.jsonl:2: 'x.png' is listed twice"):
+        ImageFolder(tmp_path)
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "missing.png"}\n')
     with pytest.raises(DiffattrError, match="missing.png' does not exist"):
         ImageFolder(tmp_path)

@@ -3,8 +3,6 @@
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -21,8 +19,3 @@ def test_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(example, "README.md", "exec"), {})
     assert "digits/3/0013.png" in capsys.readouterr().out.splitlines()[3]  # ranks itself first
     assert (tmp_path / "runs" / "toy" / "baseline.safetensors").is_file()
-
-
-@pytest.mark.parametrize("name", ["cache", "attribute", "demo"])
-def test_readme_documents_every_command(name):
-    assert f"diffattr {name}" in README
