@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from .attributor import AttributionResult, Attributor
+from .audit import AuditConfig, AuditReport
 from .config import AttributionConfig, ScoringConfig
 from .data import ImageFolder
 from .errors import DiffattrError
@@ -12,6 +13,8 @@ __all__ = [
     "AttributionConfig",
     "AttributionResult",
     "Attributor",
+    "AuditConfig",
+    "AuditReport",
     "DiffattrError",
     "DiffusionModel",
     "ImageFolder",

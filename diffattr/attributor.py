@@ -8,6 +8,7 @@ UNet on the query and scores every training image again with the same noise (For
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import AttributionConfig, ScoringConfig
+from .audit import AuditConfig, AuditReport, run_audit
+from .baselines import BaselineScorer
+from .config import METHODS, AttributionConfig, GradientConfig, ScoringConfig
 from .data import ImageFolder, file_digest, load_image, save_image
 from .errors import DiffattrError
 from .losses import LossMatrix, loss_matrix
@@ -47,18 +50,20 @@ class AttributionResult:
         query_id: name of its folder under ``<run-dir>/queries/``.
         ids: training ids, ``(N,)``, the row order of ``scores`` and ``deltas``.
         scores: ``(N,)`` influence scores, higher = more influential.
-        deltas: ``(N, K)`` per-timestep loss changes ``A − B``.
+        deltas: ``(N, K)`` per-timestep loss changes ``A − B`` (Forward-INF only, else ``None``).
         top: the top-k as ``{"rank", "id", "score", "text", "label"}`` dicts.
         timings: seconds spent perturbing and scoring.
+        method: ``forward-inf`` or the baseline that produced the scores.
     """
 
     query: str
     query_id: str
     ids: list[str]
     scores: torch.Tensor
-    deltas: torch.Tensor
+    deltas: torch.Tensor | None
     top: list[dict]
     timings: dict[str, float] = field(default_factory=dict)
+    method: str = "forward-inf"
 
     @property
     def top_ids(self) -> list[str]:
@@ -66,16 +71,21 @@ class AttributionResult:
 
     def table(self) -> str:
         """The top-k as a short text table."""
-        lines = [f"\nquery {self.query}  →  {self.query_id}", f"{'rank':>4}  {'score':>11}  id"]
+        lines = [f"\nquery {self.query}  →  {self.query_id} ({self.method})", f"{'rank':>4}  {'score':>11}  id"]
         lines += [f"{e['rank']:>4}  {e['score']:>11.4g}  {e['id']}" for e in self.top]
         return "\n".join(lines)
 
 
-def query_id_for(path: Path, label: int | None) -> str:
-    """``<file stem>-<8 hex of content and label>``: readable, and distinct for distinct queries."""
+def query_id_for(path: Path, label: int | None, method: dict | None = None) -> str:
+    """``<file stem>[-<method>]-<8 hex>``: readable, and distinct for distinct queries.
+
+    The hash covers the file's content and label, and a baseline's settings (``method``), so
+    every method's result of the same query gets its own folder.
+    """
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:48] or "query"
-    digest = hashlib.sha256(f"{file_digest(path)}:{label}".encode()).hexdigest()[:8]
-    return f"{stem}-{digest}"
+    key = f"{file_digest(path)}:{label}" + ("" if method is None else ":" + json.dumps(method, sort_keys=True))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return f"{stem}-{digest}" if method is None else f"{stem}-{method['method']}-{digest}"
 
 
 class Attributor:
@@ -87,6 +97,8 @@ class Attributor:
         run_dir: where baseline, encodings and results are stored (see ``store.py``).
         scoring: timestep grid, noise draws, seed, batch size.
         attribution: perturbation and aggregation of each query.
+        gradient: settings of the TracIn / D-TRAK baselines.
+        clip: a :class:`~diffattr.clip.ClipEmbedder`, for the CLIP baseline.
         scheduler: scheduler folder, for a bare UNet folder ``model``.
         device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
         progress: show progress bars.
@@ -100,6 +112,8 @@ class Attributor:
         *,
         scoring: ScoringConfig | None = None,
         attribution: AttributionConfig | None = None,
+        gradient: GradientConfig | None = None,
+        clip=None,
         scheduler: str | Path | None = None,
         device: str | None = None,
         progress: bool = True,
@@ -111,6 +125,8 @@ class Attributor:
         self.run = RunDirectory(run_dir)
         self.scoring = scoring or ScoringConfig()
         self.attribution = attribution or AttributionConfig()
+        self.gradient = gradient or GradientConfig()
+        self.clip = clip
         self.progress = progress
         self.timesteps = timestep_grid(model.num_train_timesteps, self.scoring.num_timesteps)
         self._baseline: torch.Tensor | None = None
@@ -184,10 +200,7 @@ class Attributor:
         """
         if self._baseline is not None:
             return self._baseline
-        self.run.check_or_write_config(self.run_config(with_attribution=False))
-        if self.run.exists(IDS_FILE) and read_json(self.run.file(IDS_FILE)) != self.ids:
-            raise DiffattrError(f"{self.run.file(IDS_FILE)} lists other images; use a new --run-dir")
-        write_json(self.run.file(IDS_FILE), self.ids)
+        self._check_ids()
         if self.run.exists(BASELINE_FILE):
             self._baseline = read_tensors(self.run.file(BASELINE_FILE))["baseline"]
             return self._baseline
@@ -195,6 +208,12 @@ class Attributor:
         write_tensors(self.run.file(BASELINE_FILE), {"baseline": matrix.losses, "timesteps": self.timesteps})
         self._baseline = matrix.losses
         return self._baseline
+
+    def _check_ids(self) -> None:
+        self.run.check_or_write_config(self.run_config(with_attribution=False))
+        if self.run.exists(IDS_FILE) and read_json(self.run.file(IDS_FILE)) != self.ids:
+            raise DiffattrError(f"{self.run.file(IDS_FILE)} lists other images; use a new --run-dir")
+        write_json(self.run.file(IDS_FILE), self.ids)
 
     def score_training_set(self, *, description: str, **unets) -> LossMatrix:
         """One forward pass over the training set on the run's grid and noise (see ``loss_matrix``).
@@ -226,6 +245,7 @@ class Attributor:
         *,
         labels: list[int | None] | int | None = None,
         top_k: int = 10,
+        method: str = "forward-inf",
     ) -> list[AttributionResult]:
         """Ranks the training images by their influence on each query image.
 
@@ -234,6 +254,8 @@ class Attributor:
             labels: class label of each query (one for all, or one per query) for
                 class-conditional models.
             top_k: how many training images ``result.json`` lists.
+            method: ``forward-inf`` (diffattr's method), or a baseline: ``pixel``, ``clip``,
+                ``tracin``, ``dtrak`` (see ``baselines.py``).
 
         Returns:
             One :class:`AttributionResult` per query, also written under ``<run-dir>/queries/``.
@@ -249,9 +271,13 @@ class Attributor:
             raise DiffattrError("--label given, but this model is unconditional: drop --label")
         if top_k < 1:
             raise DiffattrError(f"--top-k {top_k}: must be at least 1")
+        if method not in METHODS:
+            raise DiffattrError(f"--method {method!r}: must be one of {METHODS}")
         # Fail on a bad query, label or option before any long pass.
         pixels = [self._load(path) for path in queries]
         self.model.conditions(labels, [str(path) for path in queries])
+        if method != "forward-inf":
+            return self._attribute_baseline(method, queries, pixels, labels, top_k)
         select_parameters(self.model.unet, self.attribution.params)
         self.run.check_or_write_config(self.run_config(with_attribution=True))
         baseline = self.cache()
@@ -289,30 +315,73 @@ class Attributor:
             direction=self.attribution.direction,
             change=matrix.prediction_change,
         )
-        top_scores, top_indices = top_k(scores, min(k, len(scores)))
-        records = self.data.records
-        top = [
-            {"rank": rank, "id": records[i].id, "score": score, "text": records[i].text, "label": records[i].label}
-            for rank, (i, score) in enumerate(zip(top_indices.tolist(), top_scores.tolist()), start=1)
-        ]
         result = AttributionResult(
             query=str(path),
             query_id=query_id,
             ids=self.ids,
             scores=scores,
             deltas=matrix.losses - baseline,
-            top=top,
+            top=self._top(scores, k),
             timings={"perturb_seconds": perturb_seconds, "score_seconds": score_seconds},
         )
-        self._save(result, matrix, pixels, label, query_losses)
-        return result
-
-    def _save(self, result: AttributionResult, matrix, pixels: torch.Tensor, label, query_losses) -> None:
-        folder = self.run.query_dir(result.query_id)
-        config = self.run_config(with_attribution=True)
-        tensors = {"scores": result.scores, "deltas": result.deltas, "after": matrix.losses}
+        tensors = {"after": matrix.losses}
         if matrix.prediction_change is not None:
             tensors["prediction_change"] = matrix.prediction_change
+        config = self.run_config(with_attribution=True)
+        self._save(
+            result,
+            pixels,
+            label,
+            tensors=tensors,
+            record={
+                "config": {key: config[key] for key in ("scoring", "attribution")},
+                "query_loss_per_step": query_losses,
+            },
+        )
+        return result
+
+    def _attribute_baseline(self, method, queries, pixels, labels, k) -> list[AttributionResult]:
+        scorer = BaselineScorer(self, method, gradient=self.gradient, clip=self.clip)
+        self._check_ids()
+        start = time.perf_counter()
+        scorer.train_features()
+        setup_seconds = time.perf_counter() - start
+        settings = scorer.settings()
+        results = []
+        for path, image, label in zip(queries, pixels, labels):
+            start = time.perf_counter()
+            query_id = query_id_for(path, label, settings)
+            condition = self.model.conditions([label], [str(path)])
+            query = self.model.encode(image[None].to(self.model.device))
+            (scores,) = scorer.scores(query, condition, ["query:" + query_id])
+            result = AttributionResult(
+                query=str(path),
+                query_id=query_id,
+                ids=self.ids,
+                scores=scores,
+                deltas=None,
+                top=self._top(scores, k),
+                timings={"setup_seconds": setup_seconds, "score_seconds": time.perf_counter() - start},
+                method=method,
+            )
+            config = self.run_config(with_attribution=False)
+            self._save(result, image, label, tensors={}, record={"config": {"scoring": config["scoring"], **settings}})
+            results.append(result)
+        return results
+
+    def _top(self, scores: torch.Tensor, k: int) -> list[dict]:
+        top_scores, top_indices = top_k(scores, min(k, len(scores)))
+        records = self.data.records
+        return [
+            {"rank": rank, "id": records[i].id, "score": score, "text": records[i].text, "label": records[i].label}
+            for rank, (i, score) in enumerate(zip(top_indices.tolist(), top_scores.tolist()), start=1)
+        ]
+
+    def _save(self, result: AttributionResult, pixels: torch.Tensor, label, *, tensors: dict, record: dict) -> None:
+        folder = self.run.query_dir(result.query_id)
+        tensors = {"scores": result.scores, **tensors}
+        if result.deltas is not None:
+            tensors["deltas"] = result.deltas
         write_tensors(folder / "scores.safetensors", tensors)
         save_image(pixels, folder / "query.png")
         write_json(
@@ -320,10 +389,31 @@ class Attributor:
             {
                 "query": result.query,
                 "query_id": result.query_id,
+                "method": result.method,
                 "label": label,
                 "top": result.top,
-                "config": {key: config[key] for key in ("scoring", "attribution")},
                 "timings": result.timings,
-                "query_loss_per_step": query_losses,
+                **record,
             },
         )
+
+    # -- audit: which training images the model has memorized ----------------------------------------
+
+    def audit(
+        self,
+        config: AuditConfig | None = None,
+        *,
+        leakage: str | Path | ImageFolder | None = None,
+        mislabeled: bool = False,
+    ) -> AuditReport:
+        """Ranks the training images by how memorized they look, with the evidence (see ``audit.py``).
+
+        Args:
+            config: samples, replica criterion and score settings (default: ``AuditConfig()``).
+            leakage: a test image folder: which test images are copies of training images.
+            mislabeled: also rank training images by their mislabel score (class-conditional models).
+
+        Returns:
+            An :class:`~diffattr.audit.AuditReport`, also written under ``<run-dir>/audit/``.
+        """
+        return run_audit(self, config or AuditConfig(), leakage=leakage, mislabeled=mislabeled)

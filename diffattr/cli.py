@@ -7,7 +7,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .config import AttributionConfig, ScoringConfig, flag_name
+from .audit import AuditConfig
+from .config import METHODS, AttributionConfig, GradientConfig, ScoringConfig, flag_name
 from .errors import DiffattrError
 
 
@@ -38,6 +39,21 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     _add_config_flags(parser, ScoringConfig)
 
 
+def _add_clip_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture, or a model-config JSON file")
+    parser.add_argument("--clip-weights", type=Path, help="local open_clip checkpoint (.safetensors, .pt, .bin)")
+
+
+def _clip(args):
+    """The CLIP model when weights were given; nothing is ever downloaded."""
+    if args.clip_weights is None:
+        return None
+    from .clip import ClipEmbedder
+    from .models import resolve_device
+
+    return ClipEmbedder(args.clip_model, args.clip_weights, device=resolve_device(args.device))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffattr", description="Which training images made this generated image?")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,12 +70,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--label", action="append", type=int, help="class label of the queries (once for all, or once per --query)"
     )
     attribute.add_argument("--top-k", type=int, default=10, help="training images to list per query (default: 10)")
+    attribute.add_argument(
+        "--method",
+        default="forward-inf",
+        choices=METHODS,
+        help="forward-inf (default), or a baseline: pixel ℓ2, clip cosine, tracin, dtrak",
+    )
+    _add_clip_flags(attribute)
     _add_config_flags(attribute, AttributionConfig)
+    _add_config_flags(attribute, GradientConfig)
+
+    audit = commands.add_parser("audit", help="rank the training images by how memorized they look, with evidence")
+    _add_common_flags(audit)
+    audit.add_argument(
+        "--leakage", type=Path, metavar="TEST_DIR", help="test image folder: which test images copy training images"
+    )
+    audit.add_argument(
+        "--mislabeled", action="store_true", help="also rank training images by mislabel score (class-conditional)"
+    )
+    audit.add_argument("--top-k", type=int, default=10, help="images to print (report.json lists all; default: 10)")
+    _add_config_flags(audit, AuditConfig)
+    _add_config_flags(audit, AttributionConfig)
 
     demo = commands.add_parser("demo", help="offline demo: bundled toy model and digits → attributions")
     demo.add_argument("--out", type=Path, default=Path("diffattr-demo"), help="output folder (default: diffattr-demo)")
     demo.add_argument("--device", default="auto")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    gallery = commands.add_parser("gallery", help="static HTML pages of a run directory's attributions and audit")
+    gallery.add_argument("--run-dir", required=True, type=Path, help="a run directory of `diffattr attribute`")
+    gallery.add_argument("--out", type=Path, help="output folder (default: <run-dir>/gallery)")
+    gallery.add_argument("--top-k", type=int, help="training images per query (default: all in result.json)")
+    gallery.add_argument("--train", type=Path, help="training image folder (default: the one in config.json)")
+    _add_clip_flags(gallery)
+    gallery.add_argument("--device", default="auto", help="where CLIP runs: cpu, cuda, … (default: auto)")
+    gallery.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -84,11 +129,27 @@ def run(args: argparse.Namespace) -> None:
         baseline = attributor.cache()
         print(f"baseline {tuple(baseline.shape)} (images × timesteps) in {attributor.run.path}")
     elif args.command == "attribute":
-        attributor = _attributor(args, attribution=_config_from(args, AttributionConfig))
+        attributor = _attributor(
+            args,
+            attribution=_config_from(args, AttributionConfig),
+            gradient=_config_from(args, GradientConfig),
+            clip=_clip(args),
+        )
         labels = args.label[0] if args.label and len(args.label) == 1 else args.label
-        for result in attributor.attribute(args.query, labels=labels, top_k=args.top_k):
+        for result in attributor.attribute(args.query, labels=labels, top_k=args.top_k, method=args.method):
             print(result.table())
         print(f"\nresults in {attributor.run.path / 'queries'}")
+    elif args.command == "audit":
+        attributor = _attributor(args, attribution=_config_from(args, AttributionConfig))
+        report = attributor.audit(_config_from(args, AuditConfig), leakage=args.leakage, mislabeled=args.mislabeled)
+        print(report.table(args.top_k))
+    elif args.command == "gallery":
+        from .gallery import write_gallery
+
+        index = write_gallery(
+            args.run_dir, args.out, top_k=args.top_k, train=args.train, clip=_clip(args), progress=not args.quiet
+        )
+        print(f"gallery: {index}")
     elif args.command == "demo":
         from .demo import run_demo
 

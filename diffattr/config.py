@@ -20,6 +20,8 @@ from .errors import DiffattrError
 DIRECTIONS = ("descent", "ascent")
 OPTIMIZERS = ("adam", "sgd")
 AGGREGATIONS = ("relative", "loss", "zscore", "prediction")
+GRADIENT_METHODS = ("tracin", "dtrak")
+METHODS = ("forward-inf", "pixel", "clip", *GRADIENT_METHODS)
 
 
 # Flags that read better than the field names; every other field maps to --field-name.
@@ -101,6 +103,21 @@ class AttributionConfig(_JSONConfig):
             re.compile(self.params)
         except re.error as error:
             raise DiffattrError(f"--params {self.params!r}: not a valid regular expression ({error})") from None
+
+
+@dataclass(frozen=True)
+class GradientConfig(_JSONConfig):
+    """Settings of the gradient baselines (--method tracin / dtrak)."""
+
+    projection_dim: int = _field(1024, "d: random-projection dimension of the per-example gradients")
+    damping: float = _field(
+        1e-2, "D-TRAK's λ as a multiple of the mean eigenvalue of ΦᵀΦ (inf: plain projected dot product)"
+    )
+    gradient_params: str = _field("all", "UNet parameters whose gradients are used: all, attention, or a regex")
+
+    def __post_init__(self):
+        _check(self.projection_dim >= 1, "projection_dim", self.projection_dim, "at least 1")
+        _check(self.damping > 0, "damping", self.damping, "positive (inf for no kernel)")
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -1,8 +1,8 @@
 """``diffattr demo``: the whole loop offline, on the bundled toy model and digits.
 
 Generates a few images with the bundled 16×16 digit model (seeds listed in ``demo.json``, one of
-which reproduces a planted canary), attributes each one over the 720 training digits, and prints
-where the results are.
+which reproduces a planted canary), attributes each one over the 720 training digits, writes the
+HTML gallery, and prints where the results are.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from .attributor import Attributor
 from .data import save_image
 from .errors import DiffattrError
+from .gallery import write_gallery
 from .models import DiffusionModel
 from .sampling import generate
 from .store import read_json
@@ -59,4 +60,5 @@ def run_demo(out: str | Path, *, device: str | None = None, progress: bool = Tru
         t = result.timings
         print(f"{result.query_id}: perturbation {t['perturb_seconds']:.1f}s, scoring {t['score_seconds']:.1f}s")
     print(f"results in {attributor.run.path / 'queries'}")
+    print(f"gallery: {write_gallery(attributor.run.path, progress=progress)}")
     return results

@@ -7,6 +7,7 @@
 <run-dir>/baseline.safetensors      "baseline" (N, K), "timesteps" (K,)
 <run-dir>/queries/<query-id>/result.json       query, top-k, config, timings
 <run-dir>/queries/<query-id>/scores.safetensors "scores" (N,), "deltas" (N, K), "after" (N, K)
+<run-dir>/audit/                    the memorization audit (see audit.py)
 ```
 A second run whose settings differ from the saved ones is refused with the differing fields:
 numbers computed under one configuration are never silently mixed with another's.
@@ -30,6 +31,18 @@ IDS_FILE = "ids.json"
 ENCODINGS_FILE = "encodings.safetensors"
 BASELINE_FILE = "baseline.safetensors"
 QUERIES_DIR = "queries"
+# The memorization audit (audit.py): a folder of the run directory, and its files relative to it.
+AUDIT_DIR = "audit"
+AUDIT_CONFIG_FILE = "config.json"
+AUDIT_REPORT_FILE = "report.json"
+AUDIT_SCORES_FILE = "scores.safetensors"
+AUDIT_NEIGHBOURS_FILE = "neighbours.safetensors"
+AUDIT_SAMPLES_FILE = "samples.safetensors"
+AUDIT_REPLICAS_FILE = "replicas.json"
+AUDIT_REPLICAS_DIR = "replicas"
+AUDIT_LEAKAGE_FILE = "leakage.json"
+AUDIT_MISLABELED_FILE = "mislabeled.json"
+AUDIT_MISLABELED_LOSSES_FILE = "mislabeled.safetensors"
 # Sections of config.json whose values shape the numbers; the rest (paths, versions) is information.
 CHECKED_SECTIONS = ("model", "data", "scoring", "attribution")
 UNCHECKED_KEYS = {"source", "root"}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
 from diffattr.data import ImageFolder, load_image
+from diffattr.training import train_denoiser
 
 
 def parse_args():
@@ -54,32 +54,23 @@ def main(args):
     scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=args.prediction_type
     )
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=args.learning_rate, total_steps=args.steps, pct_start=0.05
-    )
-    alphas = scheduler.alphas_cumprod
     start = time.time()
-    for step in tqdm(range(args.steps), disable=args.quiet, desc="training"):
-        index = torch.randint(len(images), (args.batch_size,))
-        x0, noise = images[index], torch.randn(args.batch_size, 1, 16, 16)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,))
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        target = {"epsilon": noise, "sample": x0, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * x0}[
-            args.prediction_type
-        ]
-        prediction = unet(x_t, t, class_labels=labels[index] if args.class_conditional else None).sample
-        loss = torch.nn.functional.mse_loss(prediction, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 200 == 0 and not args.quiet:
-            tqdm.write(f"step {step} loss {loss.item():.4f}")
+    losses = train_denoiser(
+        unet,
+        scheduler,
+        images,
+        labels=labels if args.class_conditional else None,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(args.out)
-    print(f"trained {args.steps} steps in {time.time() - start:.0f}s; saved to {args.out}")
+    print(
+        f"trained {args.steps} steps in {time.time() - start:.0f}s "
+        f"(mean loss of the last 50: {sum(losses[-50:]) / 50:.4f}); saved to {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,125 @@
+"""Customization (Wang et al. 2023, the protocol of the Forward-INF paper): Recall@10 and mAP.
+
+Protocol (toy scale, CPU):
+- base model: the bundled toy model (16x16 digits);
+- 4 new concepts the base model never saw, each a set of 4 exemplars: held-out digits rendered
+  inverted (white background), inside a frame, over horizontal stripes, or over a checkerboard;
+- per concept: a copy of the base model fine-tuned on its 4 exemplars (150 steps, batch 16,
+  lr 3e-4), then 2 samples generated from it (the queries);
+- attribution with the fine-tuned model over training ∪ all 16 exemplars (736 images): the
+  concept's own 4 exemplars are the right answers; Recall@10 and mAP, mean over the 8 queries.
+
+    python benchmarks/eval_customization.py                        # ~10 min on 2 cores
+    python benchmarks/eval_customization.py --sweep one-at-a-time
+"""
+
+import argparse
+import copy
+import tempfile
+
+import torch
+from protocol import all_method_scores, default_name, sweep_settings, write_tables
+
+from diffattr import Attributor, DiffusionModel
+from diffattr.data import ImageFolder, load_image
+from diffattr.demo import toy_paths
+from diffattr.evaluation import Queries, TrainingSet
+from diffattr.metrics import mean_average_precision, recall_at_k
+from diffattr.sampling import generate
+from diffattr.training import train_denoiser
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", default="default", choices=["default", "core", "one-at-a-time"])
+    parser.add_argument("--exemplars", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=2, help="generated queries per concept")
+    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--no-gradients", action="store_true", help="skip TracIn and D-TRAK")
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args()
+
+
+def _stripes(x: torch.Tensor) -> torch.Tensor:
+    lines = torch.zeros_like(x)
+    lines[..., ::3, :] = 1.2
+    return torch.maximum(x, lines - 1)
+
+
+def _checker(x: torch.Tensor) -> torch.Tensor:
+    rows, cols = torch.meshgrid(torch.arange(x.shape[-2]), torch.arange(x.shape[-1]), indexing="ij")
+    squares = ((rows // 2 + cols // 2) % 2).float()
+    return torch.maximum(x, squares * 0.8 - 1)
+
+
+def _frame(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[..., [0, -1], :] = 1
+    x[..., :, [0, -1]] = 1
+    return x
+
+
+CONCEPTS = {"inverted": lambda x: -x, "framed": _frame, "striped": _stripes, "checker": _checker}
+
+
+def main(args):
+    paths = toy_paths()
+    base = DiffusionModel.from_pretrained(paths["model"], device="cpu")
+    with tempfile.TemporaryDirectory() as run_dir:
+        attributor = Attributor(base, paths["train"], run_dir, progress=False)
+        encodings, _ = attributor.encodings()
+    heldout = ImageFolder(paths["heldout"]).records
+    exemplar_ids, exemplars, owner = [], [], []
+    for c, (concept, render) in enumerate(CONCEPTS.items()):
+        for j in range(args.exemplars):
+            record = heldout[(c * args.exemplars + j) * 3 % len(heldout)]
+            exemplars.append(render(load_image(record.path, resolution=16, channels=1)))
+            exemplar_ids.append(f"exemplars/{concept}/{record.id}")
+            owner.append(concept)
+    exemplars = torch.stack(exemplars)
+    train = TrainingSet(torch.cat([encodings, exemplars]), None, attributor.ids + exemplar_ids)
+    owners = [None] * len(attributor.ids) + owner
+    per_concept = {}
+    for c, concept in enumerate(CONCEPTS):
+        mine = torch.tensor([o == concept for o in owner])
+        unet = copy.deepcopy(base.unet).requires_grad_(True)
+        train_denoiser(
+            unet,
+            base.scheduler,
+            exemplars[mine],
+            steps=args.finetune_steps,
+            batch_size=16,
+            learning_rate=3e-4,
+            seed=c,
+            progress=not args.quiet,
+            description=f"fine-tuning on {concept}",
+        )
+        model = DiffusionModel(unet.requires_grad_(False).eval(), base.scheduler, f"custom-{concept}", concept)
+        seeds = list(range(100 * c, 100 * c + args.samples))
+        samples = generate(model, seeds=seeds, progress=not args.quiet)
+        queries = Queries(samples, None, [f"{concept}/seed{s}" for s in seeds])
+        scores, seconds = all_method_scores(
+            model,
+            train,
+            queries,
+            settings=sweep_settings(args.sweep),
+            gradient_methods=not args.no_gradients,
+            progress=not args.quiet,
+        )
+        relevant = torch.tensor([[o == concept for o in owners]] * args.samples)
+        per_concept[concept] = {"scores": scores, "relevant": relevant, "seconds": seconds}
+    rows, payload = {}, {"concepts": list(CONCEPTS), "methods": {}, "default": default_name()}
+    for name in per_concept[next(iter(CONCEPTS))]["scores"]:
+        scores = torch.cat([v["scores"][name] for v in per_concept.values()])
+        relevant = torch.cat([v["relevant"] for v in per_concept.values()])
+        entry = {"recall@10": recall_at_k(scores, relevant, 10), "mAP": mean_average_precision(scores, relevant)}
+        payload["methods"][name] = entry
+        rows[name] = [name, entry["recall@10"], entry["mAP"]]
+    payload["seconds"] = {c: v["seconds"] for c, v in per_concept.items()}
+    header = ["method", "Recall@10", "mAP"]
+    write_tables("customization", payload, header, rows, swept=args.sweep != "default")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    main(parse_args())

@@ -1,0 +1,184 @@
+"""What the evaluation scripts share: the Forward-INF settings swept, every method's score
+matrices for one (model, training set, queries), and writing a results table as JSON + Markdown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffattr.config import AttributionConfig
+from diffattr.evaluation import (
+    Queries,
+    TrainingSet,
+    baseline_losses,
+    dtrak_sweep,
+    forward_inf_scores,
+    gradient_features,
+    pixel_scores,
+)
+from diffattr.models import DiffusionModel
+
+RESULTS_DIR = Path(__file__).parent / "results"
+DEFAULT = AttributionConfig()
+DEFAULT_K, DEFAULT_S = 10, 1
+DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One Forward-INF setting: the attribution config plus the scoring grid K and draws S."""
+
+    config: AttributionConfig = DEFAULT
+    num_timesteps: int = DEFAULT_K
+    num_draws: int = DEFAULT_S
+
+    def name(self) -> str:
+        changed = [
+            f"{f.name}={getattr(self.config, f.name)}"
+            for f in dataclasses.fields(AttributionConfig)
+            if f.name != "aggregation" and getattr(self.config, f.name) != getattr(DEFAULT, f.name)
+        ]
+        changed += [f"K={self.num_timesteps}"] if self.num_timesteps != DEFAULT_K else []
+        changed += [f"S={self.num_draws}"] if self.num_draws != DEFAULT_S else []
+        return ", ".join(changed) or "default"
+
+
+def sweep_settings(level: str) -> list[Setting]:
+    """``default``: the default only; ``core``: direction, step size, steps and moving parameters
+    around the default (for the protocols with a large training set); ``one-at-a-time``: ``core``
+    plus draws per step, optimizer, grid K and noise draws S, each moved alone."""
+    settings = [Setting()]
+    if level == "default":
+        return settings
+    replace = dataclasses.replace
+    for lr in (3e-5, 3e-4):
+        settings.append(Setting(replace(DEFAULT, learning_rate=lr)))
+    for lr in (3e-5, 1e-4, 3e-4):
+        settings.append(Setting(replace(DEFAULT, direction="descent", learning_rate=lr)))
+    settings.append(Setting(replace(DEFAULT, steps=3)))
+    settings.append(Setting(replace(DEFAULT, params="attention")))
+    if level == "core":
+        return settings
+    settings.append(Setting(replace(DEFAULT, steps=30)))
+    settings.append(Setting(replace(DEFAULT, draws_per_step=16)))
+    settings.append(Setting(replace(DEFAULT, optimizer="sgd", learning_rate=1e-2)))
+    for k in (5, 20):
+        settings.append(Setting(num_timesteps=k))
+    settings.append(Setting(num_draws=4))
+    return settings
+
+
+def all_method_scores(
+    model: DiffusionModel,
+    train: TrainingSet,
+    queries: Queries,
+    *,
+    settings: list[Setting],
+    gradient_methods: bool = True,
+    gradient_timesteps: tuple[int, ...] = (DEFAULT_K,),
+    projection_dim: int = 1024,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """``{method name: (Q, N) scores}`` and seconds spent per method family.
+
+    Forward-INF appears once per (setting, aggregation) as ``forward-inf[<setting>|<aggregation>]``;
+    D-TRAK once per damping as ``dtrak[λ=<damping>]``; gradient methods on another grid than the
+    default K carry it in the name (``tracin[K=100]``, ``dtrak[K=100, λ=...]``).
+    """
+    scores, seconds = {}, {}
+    start = time.perf_counter()
+    scores["pixel"] = pixel_scores(train, queries)
+    seconds["pixel"] = time.perf_counter() - start
+    baselines = {}
+    start = time.perf_counter()
+    for setting in settings:
+        key = (setting.num_timesteps, setting.num_draws)
+        if key not in baselines:
+            baselines[key] = baseline_losses(
+                model, train, num_timesteps=key[0], num_draws=key[1], seed=seed, progress=progress
+            )
+        matrices = forward_inf_scores(
+            model,
+            train,
+            queries,
+            setting.config,
+            baseline=baselines[key],
+            num_timesteps=setting.num_timesteps,
+            num_draws=setting.num_draws,
+            seed=seed,
+            progress=progress,
+        )
+        for aggregation, matrix in matrices.items():
+            scores[f"forward-inf[{setting.name()}|{aggregation}]"] = matrix
+    seconds["forward-inf"] = time.perf_counter() - start
+    for method in ("tracin", "dtrak") if gradient_methods else ():
+        for num_timesteps in gradient_timesteps:
+            start = time.perf_counter()
+            features = {
+                side: gradient_features(
+                    model,
+                    data.encodings,
+                    data.conditions,
+                    names,
+                    method=method,
+                    num_timesteps=num_timesteps,
+                    seed=seed,
+                    projection_dim=projection_dim,
+                    progress=progress,
+                )
+                for side, data, names in (("train", train, train.ids), ("query", queries, queries.names))
+            }
+            grid = "" if num_timesteps == DEFAULT_K else f"K={num_timesteps}"
+            if method == "tracin":
+                scores[f"tracin[{grid}]" if grid else "tracin"] = features["query"] @ features["train"].T
+            else:
+                for damping, matrix in dtrak_sweep(features["query"], features["train"], DAMPINGS).items():
+                    scores[f"dtrak[{grid + ', ' if grid else ''}λ={damping:g}]"] = matrix
+            seconds[f"{method}[{grid}]" if grid else method] = time.perf_counter() - start
+    return scores, seconds
+
+
+def default_name() -> str:
+    return f"forward-inf[default|{DEFAULT.aggregation}]"
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    """Writes ``results/<name>.json`` and ``results/<name>.md`` (with the command that made them)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join([str(Path(sys.argv[0]).as_posix()), *sys.argv[1:]])
+    payload = {"command": command, **payload}
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(f"Command: `{command}`\n\n{markdown}\n")
+    print(markdown)
+    print(f"\nwrote {RESULTS_DIR / name}.json and .md")
+
+
+def write_tables(name: str, payload: dict, header: list[str], rows: dict[str, list], *, swept: bool) -> None:
+    """Writes ``<name>`` (default Forward-INF setting and the baselines) and, after a sweep,
+    ``<name>_sweep`` (every setting)."""
+
+    def keep(method: str) -> bool:
+        return not method.startswith("forward-inf[") or method.startswith("forward-inf[default|")
+
+    if swept:
+        write_results(f"{name}_sweep", payload, markdown_table(header, list(rows.values())))
+    methods = {m: v for m, v in payload["methods"].items() if keep(m)}
+    table = markdown_table(header, [row for m, row in rows.items() if keep(m)])
+    write_results(name, {**payload, "methods": methods}, table)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(value):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

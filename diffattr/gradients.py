@@ -1,0 +1,154 @@
+"""Gradient baselines: TracIn and D-TRAK, from per-example gradients and a random projection.
+
+Both methods featurise every image by the gradient of one scalar function of the model, averaged
+over the run's timestep grid with the run's own noise (common random numbers), then projected to
+``d`` dimensions with a seeded Gaussian matrix (Johnson–Lindenstrauss: inner products survive):
+
+- **TracIn** (Pruthi et al. 2020, one checkpoint): ``f`` = the denoising loss;
+  ``score(q, i) = φ_q · φ_i``.
+- **D-TRAK** (Zheng et al. 2024): ``f`` = ``‖ε_θ(x_t, t)‖²`` (the "square" output function, their
+  best); ``score(q, i) = φ_q (ΦᵀΦ + λI)⁻¹ φ_i`` with Φ the ``(N, d)`` training features.
+  ``λ = damping × mean eigenvalue of ΦᵀΦ``; ``damping = inf`` is the plain projected dot product.
+
+Costs N·K backward passes up front (cached per run directory); each query then needs K backward
+passes and one ``(d,) × (d, N)`` product — cheap per query, expensive to start.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import GradientConfig
+from .losses import add_noise, denoising_target, per_sample_mse
+from .models import DiffusionModel
+from .noise import draw_noise, noise_key
+from .perturb import select_parameters
+
+# The scalar each method differentiates: the denoising loss, or the squared norm of the output.
+_FUNCTIONS = {"tracin": "loss", "dtrak": "square"}
+
+
+class Projector:
+    """A seeded ``(p, d)`` Gaussian projection scaled by 1/√d, applied chunk by chunk.
+
+    The matrix is generated once, in chunks of rows, each from its own seed, so its values do not
+    depend on the chunking; memory is ``p × d`` floats.
+    """
+
+    def __init__(self, num_params: int, dim: int, *, seed: int, device: torch.device, chunk: int = 1 << 16):
+        self.dim = dim
+        self.chunks = []
+        generator = torch.Generator()
+        for start in range(0, num_params, chunk):
+            rows = min(chunk, num_params - start)
+            generator.manual_seed(noise_key(seed, "projection", start))
+            block = torch.randn(rows, dim, generator=generator) / math.sqrt(dim)
+            self.chunks.append(block.to(device))
+
+    def __call__(self, gradients: torch.Tensor) -> torch.Tensor:
+        """``(B, p)`` → ``(B, d)``."""
+        out, start = None, 0
+        for block in self.chunks:
+            part = gradients[:, start : start + block.shape[0]] @ block
+            out = part if out is None else out + part
+            start += block.shape[0]
+        return out
+
+
+def _scalar_function(
+    model: DiffusionModel,
+    unet: torch.nn.Module,
+    clean: torch.Tensor,
+    condition: torch.Tensor | None,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    function: str,
+) -> torch.Tensor:
+    """Mean over the K rows of one image of the loss or the squared output norm."""
+    alpha_bar = model.alphas_cumprod.to(clean.device)[timesteps]
+    rows = clean.expand(len(timesteps), *clean.shape)
+    conditions = None if condition is None else condition.expand(len(timesteps), *condition.shape)
+    prediction = model.predict(add_noise(rows, noise, alpha_bar), timesteps, conditions, unet=unet)
+    if function == "loss":
+        return per_sample_mse(prediction, denoising_target(rows, noise, alpha_bar, model.prediction_type)).mean()
+    return prediction.float().pow(2).flatten(1).mean(1).mean()
+
+
+def projected_gradients(
+    model: DiffusionModel,
+    images: torch.Tensor,
+    conditions: torch.Tensor | None,
+    names: list[str],
+    *,
+    method: str,
+    timesteps: torch.Tensor,
+    seed: int,
+    config: GradientConfig,
+    batch_size: int = 32,
+    progress: bool = True,
+    description: str = "gradients",
+) -> torch.Tensor:
+    """Projected per-example gradients ``(N, d)`` of the method's function, averaged over the grid.
+
+    Args:
+        images: ``(N, C, H, W)`` encodings.
+        conditions: ``(N, ...)`` conditions or ``None``.
+        names: one name per image; with ``seed`` it fixes the image's noise (the run's CRN noise
+            for training ids).
+        method: ``tracin`` or ``dtrak``.
+        timesteps: ``(K,)`` grid.
+    """
+    function = _FUNCTIONS[method]
+    device = model.device
+    unet = model.unet
+    params = [p for _, p in select_parameters(unet, config.gradient_params)]
+    num_params = sum(p.numel() for p in params)
+    projector = Projector(num_params, config.projection_dim, seed=seed, device=device)
+    grid = timesteps.to(device)
+    features = torch.empty(len(images), config.projection_dim)
+    flat = torch.empty(min(batch_size, len(images)), num_params, device=device)
+    with torch.inference_mode(False), torch.enable_grad():
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc=description):
+                stop = min(start + batch_size, len(images))
+                for row, i in enumerate(range(start, stop)):
+                    keys = [noise_key(seed, names[i], k, 0) for k in range(len(grid))]
+                    noise = draw_noise(keys, images.shape[1:]).to(device)
+                    condition = None if conditions is None else conditions[i].to(device)
+                    value = _scalar_function(model, unet, images[i].to(device), condition, noise, grid, function)
+                    grads = torch.autograd.grad(value, params)
+                    flat[row] = torch.cat([g.reshape(-1) for g in grads])
+                features[start:stop] = projector(flat[: stop - start]).cpu()
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+    return features
+
+
+def kernel_scores(query_features: torch.Tensor, train_features: torch.Tensor, *, damping: float) -> torch.Tensor:
+    """D-TRAK scores ``φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ`` with ``λ = damping × mean eigenvalue``: ``(Q, d), (N, d) → (Q, N)``.
+
+    ``damping = inf`` gives ``φ_q Φᵀ`` (the same ranking as the limit, without the 1/λ factor).
+    """
+    q, phi = query_features.double(), train_features.double()
+    if math.isinf(damping):
+        return (q @ phi.T).float()
+    gram = phi.T @ phi
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    lam = damping * eigenvalues.clamp_min(0).mean()
+    inverse = (eigenvectors / (eigenvalues.clamp_min(0) + lam)) @ eigenvectors.T
+    return (q @ inverse @ phi.T).float()
+
+
+def gradient_scores(
+    method: str, query_features: torch.Tensor, train_features: torch.Tensor, *, damping: float
+) -> torch.Tensor:
+    """``(Q, N)`` scores of a gradient method; higher = more influential."""
+    if method == "tracin":
+        return query_features @ train_features.T
+    return kernel_scores(query_features, train_features, damping=damping)
