@@ -2,11 +2,13 @@
 
 Same model (bundled toy, ~690k parameters), same 720 training images, same queries (held-out
 digits), same grid (K = 10). Each method runs in its own child process, one after the other, so
-its peak memory (max RSS, and CUDA peak when on a GPU) is its own. Forward-INF pays one baseline
-pass up front and one perturbation + one forward pass over the training set per query; D-TRAK pays
-N·K backward passes and a d×d eigendecomposition up front and K backward passes per query.
+its peak memory (max RSS, and CUDA peak when on a GPU) is its own. Rows: Forward-INF with its
+default `calibrated` aggregation (set-up = baseline pass + R = 8 calibration perturbations), with
+`--aggregation loss` (set-up = baseline pass), and D-TRAK (set-up = N·K backward passes, the
+projection and the d×d kernel). Per query: Forward-INF perturbs and makes one forward pass over the
+training set; D-TRAK takes K backward passes on the query.
 
-    python benchmarks/bench_speed.py                        # ~6 min on 2 CPU cores
+    python benchmarks/bench_speed.py                        # ~8 min on 2 CPU cores
     python benchmarks/bench_speed.py --finf-queries 100     # measure Forward-INF at Q=100 too
 """
 
@@ -22,10 +24,14 @@ from pathlib import Path
 import torch
 from protocol import markdown_table, write_results
 
-from diffattr import Attributor, DiffusionModel
+from diffattr import AttributionConfig, Attributor, DiffusionModel
 from diffattr.config import GradientConfig
 from diffattr.data import ImageFolder
 from diffattr.demo import toy_paths
+
+# Forward-INF with its default (`calibrated`: R perturbations once per run, in the set-up) and with
+# `--aggregation loss` (no calibration), then D-TRAK.
+METHODS = ("forward-inf", "forward-inf-loss", "dtrak")
 
 
 def parse_args():
@@ -34,7 +40,7 @@ def parse_args():
     parser.add_argument("--finf-queries", type=int, default=10, help="queries Forward-INF is timed on")
     parser.add_argument("--dtrak-queries", type=int, default=100, help="queries D-TRAK is timed on")
     parser.add_argument("--projection-dim", type=int, default=1024)
-    parser.add_argument("--child", choices=["forward-inf", "dtrak"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
@@ -43,7 +49,7 @@ def child(args) -> dict:
     paths = toy_paths()
     model = DiffusionModel.from_pretrained(paths["model"], device=args.device)
     queries = [r.path for r in ImageFolder(paths["heldout"]).records]
-    count = args.finf_queries if args.child == "forward-inf" else args.dtrak_queries
+    count = args.dtrak_queries if args.child == "dtrak" else args.finf_queries
     queries = (queries * (count // len(queries) + 1))[:count]
     with tempfile.TemporaryDirectory() as run_dir:
         attributor = Attributor(
@@ -51,12 +57,15 @@ def child(args) -> dict:
             paths["train"],
             run_dir,
             gradient=GradientConfig(projection_dim=args.projection_dim),
+            attribution=AttributionConfig(aggregation="loss") if args.child == "forward-inf-loss" else None,
             progress=False,
         )
         attributor.encodings()
         start = time.perf_counter()
-        if args.child == "forward-inf":
+        if args.child.startswith("forward-inf"):
             attributor.cache()
+            if attributor.attribution.aggregation == "calibrated":
+                attributor.calibration()
             method = "forward-inf"
         else:
             from diffattr.baselines import BaselineScorer
@@ -80,7 +89,7 @@ def child(args) -> dict:
 
 def main(args):
     results = {}
-    for method in ("forward-inf", "dtrak"):
+    for method in METHODS:
         command = [sys.executable, __file__, "--child", method, "--device", args.device]
         command += ["--finf-queries", str(args.finf_queries), "--dtrak-queries", str(args.dtrak_queries)]
         command += ["--projection-dim", str(args.projection_dim)]
@@ -97,9 +106,14 @@ def main(args):
         memory = f"{r['max_rss_mib']:.0f}" + (f" (CUDA {r['cuda_peak_mib']:.0f})" if "cuda_peak_mib" in r else "")
         rows.append((method, f"{r['setup_s']:.1f}", f"{mean:.2f}", *totals, memory))
         r["mean_per_query_s"] = mean
-    finf, dtrak = results["forward-inf"], results["dtrak"]
-    gap = finf["mean_per_query_s"] - dtrak["mean_per_query_s"]
-    crossover = (dtrak["setup_s"] - finf["setup_s"]) / gap if gap > 0 else float("inf")
+    crossovers = []
+    for method in METHODS[:2]:
+        finf, dtrak = results[method], results["dtrak"]
+        gap = finf["mean_per_query_s"] - dtrak["mean_per_query_s"]
+        extra_setup = dtrak["setup_s"] - finf["setup_s"]
+        # D-TRAK is cheaper in total for Q > extra_setup / gap (for every Q when its set-up is cheaper too).
+        crossover = max(extra_setup / gap, 0.0) if gap > 0 else float("inf")
+        crossovers.append(f"{method} vs D-TRAK: D-TRAK's total time is lower from Q ≈ {crossover:.1f} queries on")
     header = ["method", "set-up s", "s/query", "s/query at Q=1", "Q=10", "Q=100", "peak RSS MiB"]
     markdown = "\n".join(
         [
@@ -110,7 +124,7 @@ def main(args):
             "",
             "\\* extrapolated from the measured per-query mean (the other cells are measured).",
             "",
-            f"Crossover: D-TRAK's total time drops below Forward-INF's from Q ≈ {crossover:.0f} queries.",
+            "Crossover — " + "; ".join(crossovers) + ".",
         ]
     )
     write_results("speed" if args.device == "cpu" else f"speed_{args.device.split(':')[0]}", results, markdown)

@@ -10,6 +10,8 @@ import ast
 import json
 from pathlib import Path
 
+from diffattr.config import AttributionConfig
+
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 ROOT = HERE.parent
@@ -33,6 +35,7 @@ SUMMARY = [
     ("lds", ("generated", "lds"), "LDS, generated queries"),
     ("lds", ("held-out", "lds"), "LDS, held-out queries"),
 ]
+DEFAULT = f"forward-inf[default|{AttributionConfig().aggregation}]"  # the package's default setting
 FIXED_DAMPING = "dtrak[λ=0.01]"  # the package default (GradientConfig.damping)
 
 
@@ -62,7 +65,7 @@ def summary() -> str:
         best_forward = max(forward, key=forward.get)
         dtrak = {m: value(m) for m in methods if m.startswith("dtrak")}
         best_dtrak = max(dtrak, key=dtrak.get) if dtrak else None
-        cells = [label, f"{value(payload['default']):.3f}", f"{forward[best_forward]:.3f} ({best_forward[12:-1]})"]
+        cells = [label, f"{value(DEFAULT):.3f}", f"{forward[best_forward]:.3f} ({best_forward[12:-1]})"]
         cells.append(f"{value('pixel'):.3f}")
         cells.append(f"{value('tracin'):.3f}" if "tracin" in methods else "—")
         cells.append(f"{dtrak[FIXED_DAMPING]:.3f}" if FIXED_DAMPING in dtrak else "—")

@@ -9,8 +9,8 @@ Protocol (toy scale, CPU):
 - attribution with the fine-tuned model over training ∪ all 16 exemplars (736 images): the
   concept's own 4 exemplars are the right answers; Recall@10 and mAP, mean over the 8 queries.
 
-    python benchmarks/eval_customization.py                        # ~10 min on 2 cores
-    python benchmarks/eval_customization.py --sweep one-at-a-time
+    python benchmarks/eval_customization.py                # default setting, ~12 min (2 cores, 1 thread)
+    python benchmarks/eval_customization.py --sweep core   # + the Forward-INF sweep, ~25 min
 """
 
 import argparse

@@ -13,8 +13,8 @@ Protocol (toy scale, CPU):
   subset's members and the model's negated query loss; reported as the mean over queries, for
   generated and held-out queries separately, with the bootstrap std over subset models.
 
-    python benchmarks/eval_lds.py                     # 40 subset models, ~15 min on 2 cores
-    python benchmarks/eval_lds.py --sweep one-at-a-time   # + Forward-INF settings sweep
+    python benchmarks/eval_lds.py                         # 41 models (~20 min at 1 thread), then LDS
+    python benchmarks/eval_lds.py --sweep one-at-a-time   # + the Forward-INF sweep (~8 min more)
 """
 
 import argparse

@@ -8,8 +8,8 @@ copies (assets/toy). Queries:
   right answer is the image itself or an identical copy.
 A query scores a hit when its top-1 training image is a right answer (a tie with a wrong one fails).
 
-    python benchmarks/eval_leakage.py                         # default settings, ~5 min on 2 cores
-    python benchmarks/eval_leakage.py --sweep one-at-a-time   # + Forward-INF settings sweep
+    python benchmarks/eval_leakage.py                 # default setting, ~6 min (2 cores, 1 thread)
+    python benchmarks/eval_leakage.py --sweep core    # + the Forward-INF sweep, ~20 min
 """
 
 import argparse

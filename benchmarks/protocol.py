@@ -163,16 +163,26 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
 
 def write_tables(name: str, payload: dict, header: list[str], rows: dict[str, list], *, swept: bool) -> None:
     """Writes ``<name>`` (default Forward-INF setting and the baselines) and, after a sweep,
-    ``<name>_sweep`` (every setting)."""
+    ``<name>_sweep`` (every setting). Methods this run did not compute (e.g. ``--no-gradients``)
+    keep their rows from the previous ``<name>`` table, marked in ``"carried_over"``."""
 
     def keep(method: str) -> bool:
         return not method.startswith("forward-inf[") or method.startswith("forward-inf[default|")
 
     if swept:
-        write_results(f"{name}_sweep", payload, markdown_table(header, list(rows.values())))
+        write_results(f"{name}_sweep", {**payload, "rows": rows}, markdown_table(header, list(rows.values())))
     methods = {m: v for m, v in payload["methods"].items() if keep(m)}
-    table = markdown_table(header, [row for m, row in rows.items() if keep(m)])
-    write_results(name, {**payload, "methods": methods}, table)
+    kept_rows = {m: row for m, row in rows.items() if keep(m)}
+    previous_file = RESULTS_DIR / f"{name}.json"
+    carried = []
+    if previous_file.is_file():
+        previous = json.loads(previous_file.read_text())
+        for method, row in previous.get("rows", {}).items():
+            if method not in kept_rows and keep(method):
+                kept_rows[method], methods[method] = row, previous["methods"][method]
+                carried.append(method)
+    payload = {**payload, "methods": methods, "rows": kept_rows, "carried_over": carried}
+    write_results(name, payload, markdown_table(header, list(kept_rows.values())))
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

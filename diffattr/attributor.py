@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .audit import AuditConfig, AuditReport, run_audit
 from .baselines import BaselineScorer
+from .calibration import calibration_indices, calibration_reference
 from .config import METHODS, AttributionConfig, GradientConfig, ScoringConfig
 from .data import ImageFolder, file_digest, load_image, save_image
 from .errors import DiffattrError
@@ -31,6 +32,7 @@ from .perturb import perturbed_copy, select_parameters
 from .scoring import aggregate, top_k
 from .store import (
     BASELINE_FILE,
+    CALIBRATION_FILE,
     ENCODINGS_FILE,
     IDS_FILE,
     RunDirectory,
@@ -132,6 +134,7 @@ class Attributor:
         self._baseline: torch.Tensor | None = None
         self._config: dict | None = None
         self._encodings: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._scorers: dict[str, BaselineScorer] = {}
 
     @property
     def ids(self) -> list[str]:
@@ -208,6 +211,31 @@ class Attributor:
         write_tensors(self.run.file(BASELINE_FILE), {"baseline": matrix.losses, "timesteps": self.timesteps})
         self._baseline = matrix.losses
         return self._baseline
+
+    def calibration(self) -> torch.Tensor:
+        """``(N,)`` reference response of each training image (``calibration.py``), cached.
+
+        Valid for the run directory's attribution settings, which ``attribute`` checks first.
+        """
+        if self.run.exists(CALIBRATION_FILE):
+            return read_tensors(self.run.file(CALIBRATION_FILE))["reference"]
+        encodings, conditions = self.encodings()
+        reference = calibration_reference(
+            self.model,
+            encodings,
+            conditions,
+            self.ids,
+            self.attribution,
+            baseline=self.cache(),
+            timesteps=self.timesteps,
+            num_draws=self.scoring.num_draws,
+            seed=self.scoring.seed,
+            batch_size=self.scoring.batch_size,
+            progress=self.progress,
+        )
+        indices = torch.tensor(calibration_indices(len(self.ids), self.attribution.calibration_images))
+        write_tensors(self.run.file(CALIBRATION_FILE), {"reference": reference, "indices": indices})
+        return reference
 
     def _check_ids(self) -> None:
         self.run.check_or_write_config(self.run_config(with_attribution=False))
@@ -314,6 +342,7 @@ class Attributor:
             after=matrix.losses,
             direction=self.attribution.direction,
             change=matrix.prediction_change,
+            reference=self.calibration() if self.attribution.aggregation == "calibrated" else None,
         )
         result = AttributionResult(
             query=str(path),
@@ -341,31 +370,35 @@ class Attributor:
         return result
 
     def _attribute_baseline(self, method, queries, pixels, labels, k) -> list[AttributionResult]:
-        scorer = BaselineScorer(self, method, gradient=self.gradient, clip=self.clip)
+        if method not in self._scorers:  # kept: features, projection and kernel serve later calls
+            self._scorers[method] = BaselineScorer(self, method, gradient=self.gradient, clip=self.clip)
+        scorer = self._scorers[method]
         self._check_ids()
         start = time.perf_counter()
         scorer.train_features()
         setup_seconds = time.perf_counter() - start
         settings = scorer.settings()
+        start = time.perf_counter()
+        query_ids = [query_id_for(path, label, settings) for path, label in zip(queries, labels)]
+        encoded = self.model.encode(torch.stack(pixels).to(self.model.device))
+        scores = scorer.scores(
+            encoded, self.model.conditions(labels, [str(p) for p in queries]), ["query:" + q for q in query_ids]
+        )
+        score_seconds = (time.perf_counter() - start) / len(queries)
+        config = {"scoring": self.run_config(with_attribution=False)["scoring"], **settings}
         results = []
-        for path, image, label in zip(queries, pixels, labels):
-            start = time.perf_counter()
-            query_id = query_id_for(path, label, settings)
-            condition = self.model.conditions([label], [str(path)])
-            query = self.model.encode(image[None].to(self.model.device))
-            (scores,) = scorer.scores(query, condition, ["query:" + query_id])
+        for path, image, label, query_id, row in zip(queries, pixels, labels, query_ids, scores):
             result = AttributionResult(
                 query=str(path),
                 query_id=query_id,
                 ids=self.ids,
-                scores=scores,
+                scores=row,
                 deltas=None,
-                top=self._top(scores, k),
-                timings={"setup_seconds": setup_seconds, "score_seconds": time.perf_counter() - start},
+                top=self._top(row, k),
+                timings={"setup_seconds": setup_seconds, "score_seconds": score_seconds},
                 method=method,
             )
-            config = self.run_config(with_attribution=False)
-            self._save(result, image, label, tensors={}, record={"config": {"scoring": config["scoring"], **settings}})
+            self._save(result, image, label, tensors={}, record={"config": config})
             results.append(result)
         return results
 

@@ -15,7 +15,7 @@ import torch
 from .clip import ClipEmbedder, cosine_similarity
 from .config import GRADIENT_METHODS, METHODS, GradientConfig
 from .errors import DiffattrError
-from .gradients import gradient_scores, projected_gradients
+from .gradients import kernel_matrix, projected_gradients
 from .similarity import pixel_similarity
 from .store import read_tensors, write_tensors
 
@@ -42,6 +42,7 @@ class BaselineScorer:
         self.gradient = gradient or GradientConfig()
         self.clip = clip
         self._features: torch.Tensor | None = None
+        self._kernel: torch.Tensor | None = None
 
     def settings(self) -> dict:
         """What shapes this method's numbers (besides the run's model, data, grid and seed)."""
@@ -101,4 +102,8 @@ class BaselineScorer:
         query_features = self._featurise(queries, conditions, names, description="queries")
         if self.method == "clip":
             return cosine_similarity(query_features, train)
-        return gradient_scores(self.method, query_features, train, damping=self.gradient.damping)
+        if self.method == "tracin":
+            return query_features @ train.T
+        if self._kernel is None:
+            self._kernel = kernel_matrix(train, damping=self.gradient.damping)
+        return query_features @ self._kernel

@@ -19,7 +19,7 @@ from .errors import DiffattrError
 
 DIRECTIONS = ("descent", "ascent")
 OPTIMIZERS = ("adam", "sgd")
-AGGREGATIONS = ("relative", "loss", "zscore", "prediction")
+AGGREGATIONS = ("calibrated", "loss", "relative", "zscore", "prediction")
 GRADIENT_METHODS = ("tracin", "dtrak")
 METHODS = ("forward-inf", "pixel", "clip", *GRADIENT_METHODS)
 
@@ -86,9 +86,13 @@ class AttributionConfig(_JSONConfig):
     params: str = _field("all", "which UNet parameters move: all, attention, or a regular expression on their names")
     draws_per_step: int = _field(64, "(timestep, noise) draws of the query per optimizer step")
     aggregation: str = _field(
-        "loss",
-        "relative: mean over t of Δ/B; loss: mean Δ; zscore: mean of per-timestep z-scored Δ; "
+        "calibrated",
+        "calibrated: mean Δ over its usual size under other images' perturbations (R extra passes once "
+        "per run); loss: mean Δ; relative: mean over t of Δ/B; zscore: mean of per-timestep z-scored Δ; "
         "prediction: mean change of the model's prediction (two forward passes per row)",
+    )
+    calibration_images: int = _field(
+        8, "R: training images whose perturbations calibrate the `calibrated` aggregation (once per run)"
     )
 
     def __post_init__(self):
@@ -98,6 +102,7 @@ class AttributionConfig(_JSONConfig):
         _check(0 <= self.steps <= 10_000, "steps", self.steps, "between 0 and 10000")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "positive")
         _check(self.draws_per_step >= 1, "draws_per_step", self.draws_per_step, "at least 1")
+        _check(self.calibration_images >= 2, "calibration_images", self.calibration_images, "at least 2")
         _check(bool(self.params), "params", self.params, "all, attention or a regular expression")
         try:
             re.compile(self.params)

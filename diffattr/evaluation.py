@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .calibration import calibration_reference
 from .config import AGGREGATIONS, AttributionConfig, GradientConfig
 from .gradients import gradient_scores, projected_gradients
 from .losses import loss_matrix
@@ -70,7 +71,7 @@ def forward_inf_scores(
     num_timesteps: int,
     num_draws: int = 1,
     seed: int = 0,
-    aggregations: Iterable[str] = ("loss", "zscore", "relative"),
+    aggregations: Iterable[str] = ("calibrated", "loss", "zscore", "relative"),
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Forward-INF scores under several aggregations from one perturbation and pass per query.
@@ -86,6 +87,20 @@ def forward_inf_scores(
     assert "prediction" not in aggregations and set(aggregations) <= set(AGGREGATIONS)
     grid = timestep_grid(model.num_train_timesteps, num_timesteps)
     out = {name: torch.empty(len(queries.names), len(train.ids)) for name in aggregations}
+    reference = None
+    if "calibrated" in aggregations:
+        reference = calibration_reference(
+            model,
+            train.encodings,
+            train.conditions,
+            train.ids,
+            config,
+            baseline=baseline,
+            timesteps=grid,
+            num_draws=num_draws,
+            seed=seed,
+            progress=progress,
+        )
     for q in tqdm(range(len(queries.names)), disable=not progress, desc="forward-inf queries"):
         unet, _ = perturbed_copy(
             model,
@@ -106,7 +121,9 @@ def forward_inf_scores(
             progress=False,
         ).losses
         for name in aggregations:
-            out[name][q] = aggregate(name, baseline=baseline, after=after, direction=config.direction)
+            out[name][q] = aggregate(
+                name, baseline=baseline, after=after, direction=config.direction, reference=reference
+            )
     return out
 
 

@@ -16,6 +16,7 @@ passes and one ``(d,) × (d, N)`` product — cheap per query, expensive to star
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,6 +57,12 @@ class Projector:
             out = part if out is None else out + part
             start += block.shape[0]
         return out
+
+
+@functools.lru_cache(maxsize=1)
+def _projector(num_params: int, dim: int, seed: int, device: torch.device) -> Projector:
+    """The last projection made, kept: queries reuse the training set's (``p × d`` floats of memory)."""
+    return Projector(num_params, dim, seed=seed, device=device)
 
 
 def _scalar_function(
@@ -106,7 +113,7 @@ def projected_gradients(
     unet = model.unet
     params = [p for _, p in select_parameters(unet, config.gradient_params)]
     num_params = sum(p.numel() for p in params)
-    projector = Projector(num_params, config.projection_dim, seed=seed, device=device)
+    projector = _projector(num_params, config.projection_dim, seed, device)
     grid = timesteps.to(device)
     features = torch.empty(len(images), config.projection_dim)
     flat = torch.empty(min(batch_size, len(images)), num_params, device=device)
@@ -130,19 +137,26 @@ def projected_gradients(
     return features
 
 
+def kernel_matrix(train_features: torch.Tensor, *, damping: float) -> torch.Tensor:
+    """``(ΦᵀΦ + λI)⁻¹ Φᵀ``, ``(d, N)``, with ``λ = damping × mean eigenvalue`` (``inf``: ``Φᵀ``).
+
+    Computed once per training set and damping; a query's D-TRAK scores are ``φ_q`` times it.
+    """
+    phi = train_features.double()
+    if math.isinf(damping):
+        return phi.T.float()
+    eigenvalues, eigenvectors = torch.linalg.eigh(phi.T @ phi)
+    eigenvalues = eigenvalues.clamp_min(0)
+    lam = damping * eigenvalues.mean()
+    return ((eigenvectors / (eigenvalues + lam)) @ eigenvectors.T @ phi.T).float()
+
+
 def kernel_scores(query_features: torch.Tensor, train_features: torch.Tensor, *, damping: float) -> torch.Tensor:
-    """D-TRAK scores ``φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ`` with ``λ = damping × mean eigenvalue``: ``(Q, d), (N, d) → (Q, N)``.
+    """D-TRAK scores ``φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ``: ``(Q, d), (N, d) → (Q, N)``.
 
     ``damping = inf`` gives ``φ_q Φᵀ`` (the same ranking as the limit, without the 1/λ factor).
     """
-    q, phi = query_features.double(), train_features.double()
-    if math.isinf(damping):
-        return (q @ phi.T).float()
-    gram = phi.T @ phi
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    lam = damping * eigenvalues.clamp_min(0).mean()
-    inverse = (eigenvectors / (eigenvalues.clamp_min(0) + lam)) @ eigenvectors.T
-    return (q @ inverse @ phi.T).float()
+    return query_features @ kernel_matrix(train_features, damping=damping)
 
 
 def gradient_scores(

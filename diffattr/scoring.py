@@ -35,6 +35,16 @@ def zscore_delta(delta: torch.Tensor, *, direction: str) -> torch.Tensor:
     return direction_sign(direction) * (centred / scale.clamp_min(_EPS)).mean(1)
 
 
+def calibrated_delta(delta: torch.Tensor, reference: torch.Tensor, *, direction: str) -> torch.Tensor:
+    """Signed mean Δ of each image divided by how much its mean loss typically moves when the model
+    is perturbed on *some other* image (``reference``, from ``calibration.py``). ``(N, K), (N,) → (N,)``.
+
+    Memorized images (tiny losses) and fragile ones move under any perturbation; dividing by their
+    usual response keeps them from topping every query, and lets a small but unusual change count.
+    """
+    return direction_sign(direction) * delta.mean(1) / reference.clamp_min(_EPS)
+
+
 def prediction_change(change: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """Mean over timesteps of ``‖ε_θ′ − ε_θ‖² / B`` (unsigned: any change is influence). ``(N, K) → (N,)``."""
     return (change / baseline.clamp_min(_EPS)).mean(1)
@@ -47,6 +57,7 @@ def aggregate(
     after: torch.Tensor,
     direction: str,
     change: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatches to one of the aggregations above by name. ``(N, K) → (N,)``."""
     delta = after - baseline
@@ -56,6 +67,10 @@ def aggregate(
         return mean_delta(delta, direction=direction)
     if aggregation == "zscore":
         return zscore_delta(delta, direction=direction)
+    if aggregation == "calibrated":
+        if reference is None:
+            raise ValueError("the `calibrated` aggregation needs the calibration reference")
+        return calibrated_delta(delta, reference, direction=direction)
     if aggregation == "prediction":
         if change is None:
             raise ValueError("the `prediction` aggregation needs the prediction change matrix")

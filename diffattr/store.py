@@ -5,6 +5,7 @@
 <run-dir>/ids.json                  training ids, in the row order of every tensor below
 <run-dir>/encodings.safetensors     "encodings" (N, C, H, W) [, "conditions" (N, ...)]
 <run-dir>/baseline.safetensors      "baseline" (N, K), "timesteps" (K,)
+<run-dir>/calibration.safetensors   "reference" (N,), "indices" (R,): the `calibrated` aggregation's reference
 <run-dir>/queries/<query-id>/result.json       query, top-k, config, timings
 <run-dir>/queries/<query-id>/scores.safetensors "scores" (N,), "deltas" (N, K), "after" (N, K)
 <run-dir>/audit/                    the memorization audit (see audit.py)
@@ -30,6 +31,7 @@ CONFIG_FILE = "config.json"
 IDS_FILE = "ids.json"
 ENCODINGS_FILE = "encodings.safetensors"
 BASELINE_FILE = "baseline.safetensors"
+CALIBRATION_FILE = "calibration.safetensors"
 QUERIES_DIR = "queries"
 # The memorization audit (audit.py): a folder of the run directory, and its files relative to it.
 AUDIT_DIR = "audit"

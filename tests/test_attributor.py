@@ -130,3 +130,15 @@ def test_bare_unet_folder_with_a_scheduler_folder(tmp_path, tiny_model, tiny_dat
         DiffusionModel.from_pretrained(lonely)
     with pytest.raises(DiffattrError, match="neither a pipeline folder"):
         DiffusionModel.from_pretrained(tiny_data)
+
+
+def test_calibration_is_computed_once_per_run_directory(tmp_path, tiny_model, tiny_data, monkeypatch):
+    import diffattr.attributor as module
+
+    calls = []
+    original = module.calibration_reference
+    monkeypatch.setattr(module, "calibration_reference", lambda *a, **k: calls.append(1) or original(*a, **k))
+    config = AttributionConfig(steps=1, draws_per_step=4, aggregation="calibrated", calibration_images=3)
+    for query in ("a/img_000.png", "b/img_001.png"):
+        Attributor(tiny_model, tiny_data, tmp_path, attribution=config, progress=False).attribute(tiny_data / query)
+    assert len(calls) == 1 and (tmp_path / "calibration.safetensors").is_file()

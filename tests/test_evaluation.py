@@ -16,7 +16,7 @@ from diffattr.evaluation import (
 
 
 def test_evaluation_engine_matches_attributor(tmp_path, tiny_model, tiny_data):
-    attribution = AttributionConfig(steps=2, draws_per_step=8)
+    attribution = AttributionConfig(steps=2, draws_per_step=8, aggregation="calibrated", calibration_images=4)
     attributor = Attributor(
         tiny_model,
         tiny_data,
@@ -39,9 +39,16 @@ def test_evaluation_engine_matches_attributor(tmp_path, tiny_model, tiny_data):
     baseline = baseline_losses(model, train, num_timesteps=3, num_draws=1, seed=0)
     assert torch.allclose(baseline, attributor.cache(), rtol=1e-5, atol=1e-7)
     scores = forward_inf_scores(
-        model, train, queries, attribution, baseline=baseline, num_timesteps=3, aggregations=["loss"], progress=False
+        model,
+        train,
+        queries,
+        attribution,
+        baseline=baseline,
+        num_timesteps=3,
+        aggregations=["calibrated"],
+        progress=False,
     )
-    assert torch.allclose(scores["loss"][0], expected.scores, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(scores["calibrated"][0], expected.scores, rtol=1e-4, atol=1e-6)
     assert torch.allclose(pixel_scores(train, queries)[0], expected_pixel.scores)
 
     features = {

@@ -167,7 +167,7 @@ def test_prompt_method_and_label_are_shown(run, gallery):
     first, second = (_query_page(gallery, r.query_id).text for r in run["results"])
     assert f"“{HOSTILE}”" in first and "method forward-inf" in first
     assert "prompt" not in second.lower() or HOSTILE not in second.split("Top")[0]
-    assert "perturbation ascent" in second and "aggregation loss" in second and "perturb time" in second
+    assert "perturbation ascent" in second and "aggregation calibrated" in second and "perturb time" in second
 
 
 def test_thumbnails_are_written_once_and_shared(run, gallery, tmp_path):

@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from diffattr.scoring import aggregate, mean_delta, prediction_change, relative_delta, top_k, zscore_delta
+from diffattr.calibration import calibration_indices
+from diffattr.scoring import (
+    aggregate,
+    calibrated_delta,
+    mean_delta,
+    prediction_change,
+    relative_delta,
+    top_k,
+    zscore_delta,
+)
 
 BASELINE = torch.tensor([[1.0, 0.1], [1.0, 0.1], [2.0, 0.2]])
 AFTER = torch.tensor([[0.5, 0.05], [1.0, 0.1], [2.2, 0.22]])  # image 0 helped, 1 untouched, 2 hurt
@@ -21,6 +30,28 @@ def test_relative_delta_weighs_timesteps_by_their_own_scale():
 def test_zscore_delta_on_known_columns():
     delta = torch.tensor([[-2.0, -20.0], [0.0, 0.0], [2.0, 20.0]])
     assert torch.allclose(zscore_delta(delta, direction="descent"), torch.tensor([1.0, 0.0, -1.0]))
+
+
+def test_calibrated_delta_divides_by_each_images_usual_response():
+    # Image 1 moves a lot under any perturbation (reference 1.0): its large Δ is ordinary. Image 0's
+    # smaller Δ is ten times its usual response: it ranks first.
+    delta = torch.tensor([[0.1, 0.1], [0.5, 0.5], [0.0, 0.0]])
+    reference = torch.tensor([0.01, 1.0, 0.1])
+    scores = calibrated_delta(delta, reference, direction="ascent")
+    assert torch.allclose(scores, torch.tensor([10.0, 0.5, 0.0]))
+    assert torch.equal(
+        aggregate(
+            "calibrated", baseline=BASELINE, after=BASELINE + delta, direction="ascent", reference=reference
+        ).argsort(descending=True),
+        torch.tensor([0, 1, 2]),
+    )
+    with pytest.raises(ValueError, match="calibration reference"):
+        aggregate("calibrated", baseline=BASELINE, after=AFTER, direction="ascent")
+
+
+def test_calibration_indices_spread_over_the_ids():
+    assert calibration_indices(720, 8) == [45, 135, 225, 315, 405, 495, 585, 675]
+    assert calibration_indices(3, 8) == [0, 1, 2]
 
 
 def test_prediction_change_is_unsigned_and_normalised():
