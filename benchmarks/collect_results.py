@@ -8,6 +8,7 @@ up front puts diffattr's default beside the anchors on every protocol.
 
 import ast
 import json
+import re
 from pathlib import Path
 
 from diffattr.config import AttributionConfig
@@ -39,6 +40,11 @@ DEFAULT = f"forward-inf[default|{AttributionConfig().aggregation}]"  # the packa
 FIXED_DAMPING = "dtrak[λ=0.01]"  # the package default (GradientConfig.damping)
 
 
+def escape_names(text: str) -> str:
+    """Escapes the "|" inside method names like ``forward-inf[default|loss]`` in Markdown tables."""
+    return re.sub(r"\[[^\]\n]*\]", lambda m: m.group(0).replace("\\|", "|").replace("|", "\\|"), text)
+
+
 def protocol_text(script: str) -> str:
     doc = ast.get_docstring(ast.parse((ROOT / script).read_text())) or ""
     return doc.split("\n\n    python")[0].strip()
@@ -65,7 +71,8 @@ def summary() -> str:
         best_forward = max(forward, key=forward.get)
         dtrak = {m: value(m) for m in methods if m.startswith("dtrak")}
         best_dtrak = max(dtrak, key=dtrak.get) if dtrak else None
-        cells = [label, f"{value(DEFAULT):.3f}", f"{forward[best_forward]:.3f} ({best_forward[12:-1]})"]
+        best_name = best_forward[12:-1].replace("|", ", ")
+        cells = [label, f"{value(DEFAULT):.3f}", f"{forward[best_forward]:.3f} ({best_name})"]
         cells.append(f"{value('pixel'):.3f}")
         cells.append(f"{value('tracin'):.3f}" if "tracin" in methods else "—")
         cells.append(f"{dtrak[FIXED_DAMPING]:.3f}" if FIXED_DAMPING in dtrak else "—")
@@ -87,11 +94,11 @@ def sweep_table() -> str:
             if method.startswith("forward-inf["):
                 for key in path:
                     entry = entry[key]
-                values.setdefault(method[12:-1], {})[label] = entry
+                values.setdefault(method[12:-1].replace("|", " · "), {})[label] = entry
     rows = []
     for setting, cells in values.items():
         rows.append("| " + " | ".join([setting] + [f"{cells[c]:.3f}" if c in cells else "" for c in columns]) + " |")
-    header = "| setting \\| aggregation | " + " | ".join(columns) + " |"
+    header = "| setting · aggregation | " + " | ".join(columns) + " |"
     return "\n".join([header, "|" + "---|" * (len(columns) + 1), *rows])
 
 
@@ -107,7 +114,7 @@ def main():
         "diffattr default = `forward-inf` with the package defaults (see README, *Defaults*). D-TRAK is shown at the",
         "package's fixed damping and at its best damping per row (λ as a multiple of the mean eigenvalue of ΦᵀΦ).",
         "",
-        summary(),
+        escape_names(summary()),
     ]
     parts += [
         "",
@@ -116,13 +123,17 @@ def main():
         "Each knob moved alone from the default (`default` row); empty cells were not run on that protocol",
         "(the leakage and customization sweeps cover direction, step size, steps and moving parameters).",
         "",
-        sweep_table(),
+        escape_names(sweep_table()),
     ]
     for name, script, title in SECTIONS:
         table = RESULTS / f"{name}.md"
         if not table.is_file():
             continue
-        parts += ["", f"## {title}", "", protocol_text(script), "", table.read_text().strip()]
+        parts += ["", f"## {title}", "", protocol_text(script), "", escape_names(table.read_text().strip())]
+        carried = json.loads((RESULTS / f"{name}.json").read_text()).get("carried_over")
+        if carried:
+            kept = ", ".join(carried)
+            parts += ["", f"Rows kept from the previous run of the same script (not recomputed this time): {kept}."]
     (HERE / "RESULTS.md").write_text("\n".join(parts) + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
 

@@ -187,7 +187,8 @@ def write_tables(name: str, payload: dict, header: list[str], rows: dict[str, li
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
     def cell(value):
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
+        # Method names hold "|" (setting|aggregation): escaped, or Markdown splits the cell.
+        return f"{value:.3f}" if isinstance(value, float) else str(value).replace("\\|", "|").replace("|", "\\|")
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
