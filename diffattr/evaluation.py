@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .calibration import calibration_reference
 from .config import AGGREGATIONS, AttributionConfig, GradientConfig
-from .gradients import gradient_scores, projected_gradients
+from .gradients import kernel_scores, projected_gradients
 from .losses import loss_matrix
 from .models import DiffusionModel
 from .noise import noise_key, timestep_grid
@@ -162,4 +162,4 @@ def dtrak_sweep(
     query_features: torch.Tensor, train_features: torch.Tensor, dampings: Iterable[float]
 ) -> dict[float, torch.Tensor]:
     """D-TRAK scores for every damping (λ / mean eigenvalue), ``inf`` included."""
-    return {d: gradient_scores("dtrak", query_features, train_features, damping=d) for d in dampings}
+    return {d: kernel_scores(query_features, train_features, damping=d) for d in dampings}

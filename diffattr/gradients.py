@@ -157,12 +157,3 @@ def kernel_scores(query_features: torch.Tensor, train_features: torch.Tensor, *,
     ``damping = inf`` gives ``φ_q Φᵀ`` (the same ranking as the limit, without the 1/λ factor).
     """
     return query_features @ kernel_matrix(train_features, damping=damping)
-
-
-def gradient_scores(
-    method: str, query_features: torch.Tensor, train_features: torch.Tensor, *, damping: float
-) -> torch.Tensor:
-    """``(Q, N)`` scores of a gradient method; higher = more influential."""
-    if method == "tracin":
-        return query_features @ train_features.T
-    return kernel_scores(query_features, train_features, damping=damping)
