@@ -24,8 +24,15 @@ SECTIONS = [
     ("customization_sweep", "benchmarks/eval_customization.py", "Customization: Forward-INF settings sweep"),
     ("lds", "benchmarks/eval_lds.py", "Linear datamodeling score (LDS)"),
     ("lds_sweep", "benchmarks/eval_lds.py", "LDS: Forward-INF settings sweep"),
+    ("customization_text", "benchmarks/eval_customization_text.py", "Customization with text (text-to-image, LoRA)"),
+    (
+        "customization_text_sweep",
+        "benchmarks/eval_customization_text.py",
+        "Customization with text: perturbation choices",
+    ),
     ("audit", "scripts/eval_audit.py", "Memorization audit"),
     ("speed", "benchmarks/bench_speed.py", "Speed: Forward-INF vs D-TRAK"),
+    ("memory", "benchmarks/bench_memory.py", "Memory: 1k vs 10k training images"),
 ]
 # The summary's metric per protocol: (results name, key path into a method's entry, label).
 SUMMARY = [
@@ -35,6 +42,8 @@ SUMMARY = [
     ("customization", ("mAP",), "customization: mAP"),
     ("lds", ("generated", "lds"), "LDS, generated queries"),
     ("lds", ("held-out", "lds"), "LDS, held-out queries"),
+    ("customization_text", ("recall@10",), "text-to-image customization: Recall@10"),
+    ("customization_text", ("mAP",), "text-to-image customization: mAP"),
 ]
 DEFAULT = f"forward-inf[default|{AttributionConfig().aggregation}]"  # the package's default setting
 FIXED_DAMPING = "dtrak[λ=0.01]"  # the package default (GradientConfig.damping)
@@ -48,6 +57,14 @@ def escape_names(text: str) -> str:
 def protocol_text(script: str) -> str:
     doc = ast.get_docstring(ast.parse((ROOT / script).read_text())) or ""
     return doc.split("\n\n    python")[0].strip()
+
+
+def swept_methods(name: str) -> dict:
+    """The sweep's methods with the protocol table's rows on top: the table is always the latest run
+    of the default setting, a sweep may be older."""
+    methods = json.loads((RESULTS / f"{name}.json").read_text())["methods"]
+    sweep_file = RESULTS / f"{name}_sweep.json"
+    return {**json.loads(sweep_file.read_text())["methods"], **methods} if sweep_file.is_file() else methods
 
 
 def summary() -> str:
@@ -65,8 +82,7 @@ def summary() -> str:
                 entry = entry[key]
             return entry
 
-        sweep_file = RESULTS / f"{name}_sweep.json"
-        sweep = json.loads(sweep_file.read_text())["methods"] if sweep_file.is_file() else methods
+        sweep = swept_methods(name)
         forward = {m: value(m, sweep) for m in sweep if m.startswith("forward-inf")}
         best_forward = max(forward, key=forward.get)
         dtrak = {m: value(m) for m in methods if m.startswith("dtrak")}
@@ -86,11 +102,10 @@ def sweep_table() -> str:
     """Every Forward-INF setting (× aggregation) measured in any sweep, one column per metric."""
     columns, values = [], {}
     for name, path, label in SUMMARY:
-        file = RESULTS / f"{name}_sweep.json"
-        if not file.is_file():
+        if not (RESULTS / f"{name}_sweep.json").is_file():
             continue
         columns.append(label)
-        for method, entry in json.loads(file.read_text())["methods"].items():
+        for method, entry in swept_methods(name).items():
             if method.startswith("forward-inf["):
                 for key in path:
                     entry = entry[key]
@@ -121,7 +136,10 @@ def main():
         "## Forward-INF settings across the protocols",
         "",
         "Each knob moved alone from the default (`default` row); empty cells were not run on that protocol",
-        "(the leakage and customization sweeps cover direction, step size, steps and moving parameters).",
+        "(the leakage and customization sweeps cover direction, step size, steps and moving parameters; the",
+        "text-to-image sweep, the moving parameters). The leakage and customization sweeps were run before the",
+        "calibration default went from R = 8 to R = 16 images: their `calibrated` rows other than the default",
+        "setting's use R = 8 (the `default` rows come from the latest runs, R = 16).",
         "",
         escape_names(sweep_table()),
     ]

@@ -18,13 +18,12 @@ import copy
 import tempfile
 
 import torch
-from protocol import all_method_scores, default_name, sweep_settings, write_tables
+from protocol import all_method_scores, default_name, retrieval_metrics, sweep_settings, write_tables
 
 from diffattr import Attributor, DiffusionModel
 from diffattr.data import ImageFolder, load_image
 from diffattr.demo import toy_paths
 from diffattr.evaluation import Queries, TrainingSet
-from diffattr.metrics import mean_average_precision, recall_at_k
 from diffattr.sampling import generate
 from diffattr.training import train_denoiser
 
@@ -108,13 +107,8 @@ def main(args):
         )
         relevant = torch.tensor([[o == concept for o in owners]] * args.samples)
         per_concept[concept] = {"scores": scores, "relevant": relevant, "seconds": seconds}
-    rows, payload = {}, {"concepts": list(CONCEPTS), "methods": {}, "default": default_name()}
-    for name in per_concept[next(iter(CONCEPTS))]["scores"]:
-        scores = torch.cat([v["scores"][name] for v in per_concept.values()])
-        relevant = torch.cat([v["relevant"] for v in per_concept.values()])
-        entry = {"recall@10": recall_at_k(scores, relevant, 10), "mAP": mean_average_precision(scores, relevant)}
-        payload["methods"][name] = entry
-        rows[name] = [name, entry["recall@10"], entry["mAP"]]
+    methods, rows = retrieval_metrics(per_concept, list(per_concept[next(iter(CONCEPTS))]["scores"]))
+    payload = {"concepts": list(CONCEPTS), "methods": methods, "default": default_name()}
     payload["seconds"] = {c: v["seconds"] for c, v in per_concept.items()}
     header = ["method", "Recall@10", "mAP"]
     write_tables("customization", payload, header, rows, swept=args.sweep != "default")

@@ -23,6 +23,7 @@ from diffattr.evaluation import (
     gradient_features,
     pixel_scores,
 )
+from diffattr.metrics import mean_average_precision, recall_at_k
 from diffattr.models import DiffusionModel
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -144,6 +145,25 @@ def all_method_scores(
                     scores[f"dtrak[{grid + ', ' if grid else ''}λ={damping:g}]"] = matrix
             seconds[f"{method}[{grid}]" if grid else method] = time.perf_counter() - start
     return scores, seconds
+
+
+def retrieval_metrics(per_group: dict[str, dict], names: list[str]) -> tuple[dict, dict]:
+    """Recall@10 and mAP of every method over the queries of all groups (e.g. concepts).
+
+    Args:
+        per_group: ``{group: {"scores": {method: (Q, N)}, "relevant": (Q, N) bool}}``.
+        names: the methods, in table order.
+
+    Returns:
+        ``({method: {"recall@10", "mAP"}}, {method: table row})``.
+    """
+    methods, rows = {}, {}
+    for name in names:
+        scores = torch.cat([group["scores"][name] for group in per_group.values()])
+        relevant = torch.cat([group["relevant"] for group in per_group.values()])
+        entry = {"recall@10": recall_at_k(scores, relevant, 10), "mAP": mean_average_precision(scores, relevant)}
+        methods[name], rows[name] = entry, [name, entry["recall@10"], entry["mAP"]]
+    return methods, rows
 
 
 def default_name() -> str:

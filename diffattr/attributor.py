@@ -30,10 +30,11 @@ from .models import DiffusionModel
 from .noise import noise_key, timestep_grid
 from .perturb import perturbed_copy, select_parameters
 from .scoring import aggregate, top_k
+from .shards import ShardedTensor, shards_complete, write_shards
 from .store import (
     BASELINE_FILE,
     CALIBRATION_FILE,
-    ENCODINGS_FILE,
+    ENCODINGS_DIR,
     IDS_FILE,
     RunDirectory,
     read_json,
@@ -41,6 +42,8 @@ from .store import (
     write_json,
     write_tensors,
 )
+
+ENCODING_SHARD_ROWS = 1024  # images per encodings shard: the most the scoring pass holds at once
 
 
 @dataclass
@@ -78,14 +81,46 @@ class AttributionResult:
         return "\n".join(lines)
 
 
-def query_id_for(path: Path, label: int | None, method: dict | None = None) -> str:
+@dataclass
+class _Query:
+    """One query image as loaded, with its condition."""
+
+    path: Path
+    pixels: torch.Tensor
+    label: int | None
+    prompt: str | None
+
+    @property
+    def condition(self) -> int | str | None:
+        return self.prompt if self.prompt is not None else self.label
+
+
+def _one_per_query(values, paths: list[Path], flag: str) -> list:
+    values = values if isinstance(values, list) else [values] * len(paths)
+    if len(values) != len(paths):
+        raise DiffattrError(f"{flag} given {len(values)} times for {len(paths)} queries: give one, or one per query")
+    return values
+
+
+def _sidecar_prompt(path: Path) -> str:
+    """The prompt of a query image from ``<image>.txt`` beside it (the usual sidecar convention)."""
+    sidecar = path.with_suffix(".txt")
+    if not sidecar.is_file():
+        raise DiffattrError(
+            f"{path}: this text-to-image model needs the query's prompt: pass --prompt, or write it to {sidecar}"
+        )
+    return sidecar.read_text(encoding="utf-8").strip()
+
+
+def query_id_for(path: Path, condition: int | str | None, method: dict | None = None) -> str:
     """``<file stem>[-<method>]-<8 hex>``: readable, and distinct for distinct queries.
 
-    The hash covers the file's content and label, and a baseline's settings (``method``), so
-    every method's result of the same query gets its own folder.
+    The hash covers the file's content and condition (label or prompt), and a baseline's settings
+    (``method``), so every method's result of the same query gets its own folder.
     """
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:48] or "query"
-    key = f"{file_digest(path)}:{label}" + ("" if method is None else ":" + json.dumps(method, sort_keys=True))
+    condition = condition if isinstance(condition, (int, type(None))) else "prompt:" + condition
+    key = f"{file_digest(path)}:{condition}" + ("" if method is None else ":" + json.dumps(method, sort_keys=True))
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{stem}-{digest}" if method is None else f"{stem}-{method['method']}-{digest}"
 
@@ -102,6 +137,7 @@ class Attributor:
         gradient: settings of the TracIn / D-TRAK baselines.
         clip: a :class:`~diffattr.clip.ClipEmbedder`, for the CLIP baseline.
         scheduler: scheduler folder, for a bare UNet folder ``model``.
+        lora: a LoRA adapter folder fused into a text-to-image ``model`` given as a path.
         device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
         progress: show progress bars.
     """
@@ -117,11 +153,12 @@ class Attributor:
         gradient: GradientConfig | None = None,
         clip=None,
         scheduler: str | Path | None = None,
+        lora: str | Path | None = None,
         device: str | None = None,
         progress: bool = True,
     ):
         if not isinstance(model, DiffusionModel):
-            model = DiffusionModel.from_pretrained(model, scheduler=scheduler, device=device)
+            model = DiffusionModel.from_pretrained(model, scheduler=scheduler, lora=lora, device=device)
         self.model = model
         self.data = train if isinstance(train, ImageFolder) else ImageFolder(train)
         self.run = RunDirectory(run_dir)
@@ -133,7 +170,7 @@ class Attributor:
         self.timesteps = timestep_grid(model.num_train_timesteps, self.scoring.num_timesteps)
         self._baseline: torch.Tensor | None = None
         self._config: dict | None = None
-        self._encodings: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._encodings: tuple[ShardedTensor, ShardedTensor | None] | None = None
         self._scorers: dict[str, BaselineScorer] = {}
 
     @property
@@ -164,30 +201,51 @@ class Attributor:
 
     # -- cache: encodings and baseline, once per run directory -----------------------------------
 
-    def encodings(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Encodings ``(N, C, H, W)`` and conditions ``(N, ...)`` of the training set, cached."""
+    def training_encodings(self) -> tuple[ShardedTensor, ShardedTensor | None]:
+        """Encodings ``(N, C, H, W)`` and conditions ``(N, ...)`` of the training set, streamed.
+
+        Computed once per run directory in shards of :data:`ENCODING_SHARD_ROWS` images (VAE
+        latents and caption embeddings of latent text-to-image models), then read one shard at
+        a time: memory does not grow with the training set.
+        """
         if self._encodings is None:
             self.run.check_or_write_config(self.run_config(with_attribution=False))
-            if self.run.exists(ENCODINGS_FILE):
-                tensors = read_tensors(self.run.file(ENCODINGS_FILE))
-            else:
-                tensors = self._encode_training_set()
-                write_tensors(self.run.file(ENCODINGS_FILE), tensors)
+            folder = self.run.file(ENCODINGS_DIR)
+            if not shards_complete(folder):
+                write_shards(folder, len(self.ids), self._encode_rows, shard_rows=ENCODING_SHARD_ROWS)
+            tensors = ShardedTensor.open(folder)
             self._encodings = (tensors["encodings"], tensors.get("conditions"))
         return self._encodings
 
-    def _encode_training_set(self, batch_size: int = 64) -> dict[str, torch.Tensor]:
-        records = self.data.records
-        conditions = self.model.conditions([r.label for r in records], [r.id for r in records])
-        chunks = []
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(records), batch_size), disable=not self.progress, desc="encoding"):
-                pixels = torch.stack([self._load(r.path) for r in records[start : start + batch_size]])
+    def encodings(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training set's encodings and conditions as whole tensors (for audits and baselines)."""
+        encodings, conditions = self.training_encodings()
+        return encodings.load(), None if conditions is None else conditions.load()
+
+    def _encode_rows(self, start: int, stop: int, batch_size: int = 64) -> dict[str, torch.Tensor]:
+        records = self.data.records[start:stop]
+        chunks, conditions = [], []
+        bar = tqdm(total=len(self.data), initial=start, disable=not self.progress, desc="encoding", unit="image")
+        with bar, torch.inference_mode():
+            for first in range(0, len(records), batch_size):
+                batch = records[first : first + batch_size]
+                pixels = torch.stack([self._load(r.path) for r in batch])
                 chunks.append(self.model.encode(pixels.to(self.model.device)).cpu())
+                condition = self.model.conditions(
+                    [r.id for r in batch], labels=[r.label for r in batch], prompts=[r.text for r in batch]
+                )
+                if condition is not None:
+                    conditions.append(condition.cpu())
+                bar.update(len(batch))
         tensors = {"encodings": torch.cat(chunks)}
-        if conditions is not None:
-            tensors["conditions"] = conditions
+        if conditions:
+            tensors["conditions"] = torch.cat(conditions)
         return tensors
+
+    def training_images(self) -> torch.Tensor:
+        """``(N, C, H, W)`` training images in ``[-1, 1]``, as the model sees them (pixel baselines)."""
+        records = self.data.records
+        return torch.stack([self._load(r.path) for r in tqdm(records, disable=not self.progress, desc="images")])
 
     def _load(self, path: Path) -> torch.Tensor:
         return load_image(path, resolution=self.model.resolution, channels=self.model.channels)
@@ -219,7 +277,7 @@ class Attributor:
         """
         if self.run.exists(CALIBRATION_FILE):
             return read_tensors(self.run.file(CALIBRATION_FILE))["reference"]
-        encodings, conditions = self.encodings()
+        encodings, conditions = self.training_encodings()
         reference = calibration_reference(
             self.model,
             encodings,
@@ -250,7 +308,7 @@ class Attributor:
             description: progress-bar label.
             **unets: ``unet`` (network to score) and ``reference_unet``, as in ``loss_matrix``.
         """
-        encodings, conditions = self.encodings()
+        encodings, conditions = self.training_encodings()
         return loss_matrix(
             self.model,
             encodings,
@@ -272,6 +330,7 @@ class Attributor:
         queries: list[str | Path] | str | Path,
         *,
         labels: list[int | None] | int | None = None,
+        prompts: list[str | None] | str | None = None,
         top_k: int = 10,
         method: str = "forward-inf",
     ) -> list[AttributionResult]:
@@ -281,6 +340,8 @@ class Attributor:
             queries: image file(s) generated by the model (or any image to attribute).
             labels: class label of each query (one for all, or one per query) for
                 class-conditional models.
+            prompts: prompt of each query (one for all, or one per query) for text-to-image
+                models; a query without one reads it from ``<query>.txt`` beside the image.
             top_k: how many training images ``result.json`` lists.
             method: ``forward-inf`` (diffattr's method), or a baseline: ``pixel``, ``clip``,
                 ``tracin``, ``dtrak`` (see ``baselines.py``).
@@ -288,43 +349,40 @@ class Attributor:
         Returns:
             One :class:`AttributionResult` per query, also written under ``<run-dir>/queries/``.
         """
-        queries = [Path(q) for q in ([queries] if isinstance(queries, (str, Path)) else queries)]
-        if not isinstance(labels, list):
-            labels = [labels] * len(queries)
-        if len(labels) != len(queries):
-            raise DiffattrError(
-                f"--label given {len(labels)} times for {len(queries)} queries: give one, or one per query"
-            )
-        if self.model.num_classes is None and any(label is not None for label in labels):
-            raise DiffattrError("--label given, but this model is unconditional: drop --label")
+        paths = [Path(q) for q in ([queries] if isinstance(queries, (str, Path)) else queries)]
         if top_k < 1:
             raise DiffattrError(f"--top-k {top_k}: must be at least 1")
         if method not in METHODS:
             raise DiffattrError(f"--method {method!r}: must be one of {METHODS}")
-        # Fail on a bad query, label or option before any long pass.
-        pixels = [self._load(path) for path in queries]
-        self.model.conditions(labels, [str(path) for path in queries])
+        # Fail on a bad query, label, prompt or option before any long pass.
+        batch = self._queries(paths, labels, prompts)
         if method != "forward-inf":
-            return self._attribute_baseline(method, queries, pixels, labels, top_k)
+            return self._attribute_baseline(method, batch, top_k)
         select_parameters(self.model.unet, self.attribution.params)
         self.run.check_or_write_config(self.run_config(with_attribution=True))
         baseline = self.cache()
-        return [
-            self._attribute_one(path, image, label, baseline, top_k)
-            for path, image, label in zip(queries, pixels, labels)
-        ]
+        return [self._attribute_one(query, baseline, top_k) for query in batch]
 
-    def _attribute_one(
-        self, path: Path, pixels: torch.Tensor, label: int | None, baseline: torch.Tensor, k: int
-    ) -> AttributionResult:
-        query_id = query_id_for(path, label)
-        query = self.model.encode(pixels[None].to(self.model.device))[0]
-        condition = self.model.conditions([label], [str(path)])
+    def _queries(self, paths: list[Path], labels, prompts) -> list[_Query]:
+        labels = _one_per_query(labels, paths, "--label")
+        prompts = _one_per_query(prompts, paths, "--prompt")
+        if self.model.num_classes is None and any(label is not None for label in labels):
+            raise DiffattrError("--label given, but this model is not class-conditional: drop --label")
+        if not self.model.is_text_conditioned and any(prompt is not None for prompt in prompts):
+            raise DiffattrError("--prompt given, but this model is not a text-to-image model: drop --prompt")
+        if self.model.is_text_conditioned:
+            prompts = [_sidecar_prompt(path) if prompt is None else prompt for path, prompt in zip(paths, prompts)]
+        self.model.conditions([str(path) for path in paths], labels=labels, prompts=[p or "" for p in prompts])
+        return [_Query(path, self._load(path), label, prompt) for path, label, prompt in zip(paths, labels, prompts)]
+
+    def _attribute_one(self, query: _Query, baseline: torch.Tensor, k: int) -> AttributionResult:
+        query_id = query_id_for(query.path, query.condition)
+        encoding = self.model.encode(query.pixels[None].to(self.model.device))[0]
         start = time.perf_counter()
         perturbed, query_losses = perturbed_copy(
             self.model,
-            query,
-            condition,
+            encoding,
+            self._query_conditions([query]),
             self.attribution,
             seed=noise_key(self.scoring.seed, "perturb:" + query_id),
             progress=self.progress,
@@ -333,7 +391,7 @@ class Attributor:
         matrix = self.score_training_set(
             unet=perturbed,
             reference_unet=self.model.unet if self.attribution.aggregation == "prediction" else None,
-            description=f"scoring {path.name}",
+            description=f"scoring {query.path.name}",
         )
         score_seconds = time.perf_counter() - start - perturb_seconds
         scores = aggregate(
@@ -345,7 +403,7 @@ class Attributor:
             reference=self.calibration() if self.attribution.aggregation == "calibrated" else None,
         )
         result = AttributionResult(
-            query=str(path),
+            query=str(query.path),
             query_id=query_id,
             ids=self.ids,
             scores=scores,
@@ -359,8 +417,7 @@ class Attributor:
         config = self.run_config(with_attribution=True)
         self._save(
             result,
-            pixels,
-            label,
+            query,
             tensors=tensors,
             record={
                 "config": {key: config[key] for key in ("scoring", "attribution")},
@@ -369,7 +426,12 @@ class Attributor:
         )
         return result
 
-    def _attribute_baseline(self, method, queries, pixels, labels, k) -> list[AttributionResult]:
+    def _query_conditions(self, queries: list[_Query]) -> torch.Tensor | None:
+        return self.model.conditions(
+            [str(q.path) for q in queries], labels=[q.label for q in queries], prompts=[q.prompt for q in queries]
+        )
+
+    def _attribute_baseline(self, method: str, queries: list[_Query], k: int) -> list[AttributionResult]:
         if method not in self._scorers:  # kept: features, projection and kernel serve later calls
             self._scorers[method] = BaselineScorer(self, method, gradient=self.gradient, clip=self.clip)
         scorer = self._scorers[method]
@@ -379,17 +441,19 @@ class Attributor:
         setup_seconds = time.perf_counter() - start
         settings = scorer.settings()
         start = time.perf_counter()
-        query_ids = [query_id_for(path, label, settings) for path, label in zip(queries, labels)]
-        encoded = self.model.encode(torch.stack(pixels).to(self.model.device))
+        query_ids = [query_id_for(q.path, q.condition, settings) for q in queries]
+        pixels = torch.stack([q.pixels for q in queries])
         scores = scorer.scores(
-            encoded, self.model.conditions(labels, [str(p) for p in queries]), ["query:" + q for q in query_ids]
+            pixels if scorer.in_pixel_space else self.model.encode(pixels.to(self.model.device)),
+            self._query_conditions(queries),
+            ["query:" + q for q in query_ids],
         )
         score_seconds = (time.perf_counter() - start) / len(queries)
         config = {"scoring": self.run_config(with_attribution=False)["scoring"], **settings}
         results = []
-        for path, image, label, query_id, row in zip(queries, pixels, labels, query_ids, scores):
+        for query, query_id, row in zip(queries, query_ids, scores):
             result = AttributionResult(
-                query=str(path),
+                query=str(query.path),
                 query_id=query_id,
                 ids=self.ids,
                 scores=row,
@@ -398,7 +462,7 @@ class Attributor:
                 timings={"setup_seconds": setup_seconds, "score_seconds": score_seconds},
                 method=method,
             )
-            self._save(result, image, label, tensors={}, record={"config": config})
+            self._save(result, query, tensors={}, record={"config": config})
             results.append(result)
         return results
 
@@ -410,20 +474,21 @@ class Attributor:
             for rank, (i, score) in enumerate(zip(top_indices.tolist(), top_scores.tolist()), start=1)
         ]
 
-    def _save(self, result: AttributionResult, pixels: torch.Tensor, label, *, tensors: dict, record: dict) -> None:
+    def _save(self, result: AttributionResult, query: _Query, *, tensors: dict, record: dict) -> None:
         folder = self.run.query_dir(result.query_id)
         tensors = {"scores": result.scores, **tensors}
         if result.deltas is not None:
             tensors["deltas"] = result.deltas
         write_tensors(folder / "scores.safetensors", tensors)
-        save_image(pixels, folder / "query.png")
+        save_image(query.pixels, folder / "query.png")
         write_json(
             folder / "result.json",
             {
                 "query": result.query,
                 "query_id": result.query_id,
                 "method": result.method,
-                "label": label,
+                "label": query.label,
+                "prompt": query.prompt,
                 "top": result.top,
                 "timings": result.timings,
                 **record,

@@ -243,10 +243,18 @@ class _Audit:
         classes = self.model.num_classes
         return [None if classes is None else seed % classes for seed in seeds]
 
-    def samples(self) -> tuple[torch.Tensor, list[int], list[int | None]]:
-        """The G samples, generated in batches; a finished batch is saved and never redrawn."""
+    def sample_prompts(self, seeds: list[int]) -> list[str | None]:
+        """Text-to-image models are prompted with training captions (as extraction attacks are):
+        the distinct captions, sorted, caption ``seed mod count`` for each seed."""
+        if not self.model.is_text_conditioned:
+            return [None] * len(seeds)
+        captions = sorted({record.text or "" for record in self.attributor.data.records})
+        return [captions[seed % len(captions)] for seed in seeds]
+
+    def samples(self) -> tuple[torch.Tensor, list[int], list[int | None], list[str | None]]:
+        """The G samples (in the model's space), generated in batches; a finished batch is saved."""
         seeds = [self.config.sample_seed + i for i in range(self.config.samples)]
-        labels = self.sample_labels(seeds)
+        labels, prompts = self.sample_labels(seeds), self.sample_prompts(seeds)
         path = self.file(AUDIT_SAMPLES_FILE)
         done = read_tensors(path)["samples"] if path.is_file() else torch.zeros(0, *self.model.sample_shape)
         chunks = [done]
@@ -257,18 +265,19 @@ class _Audit:
                     self.model,
                     seeds=seeds[batch],
                     labels=labels[batch] if self.model.num_classes is not None else None,
+                    prompts=prompts[batch] if self.model.is_text_conditioned else None,
                     num_inference_steps=self.config.sampling_steps or None,
                     progress=self.progress,
                 )
             )
             write_tensors(path, {"samples": torch.cat(chunks), "seeds": torch.tensor(seeds[: batch.stop])})
-        return torch.cat(chunks), seeds, labels
+        return torch.cat(chunks), seeds, labels, prompts
 
     def replicas(self, encodings: torch.Tensor, neighbours: dict[str, torch.Tensor]) -> list[dict]:
         """Every sample with its nearest training images; replicas saved as images and attributed."""
         if self.config.samples == 0:
             return []
-        samples, seeds, labels = self.samples()
+        samples, seeds, labels, prompts = self.samples()
         nearest = nearest_neighbours(samples, _flat(encodings), k=min(SAMPLE_NEIGHBOURS, len(encodings)))
         first = nearest.indices[:, 0]
         reference = neighbours["reference"][first]
@@ -277,10 +286,11 @@ class _Audit:
         path = self.file(AUDIT_REPLICAS_FILE)
         attributed = {entry["seed"]: entry for entry in read_json(path)} if path.is_file() else {}
         entries = []
-        for g, (seed, label) in enumerate(zip(seeds, labels)):
+        for g, (seed, label, prompt) in enumerate(zip(seeds, labels, prompts)):
             entry = {
                 "seed": seed,
                 "label": label,
+                "prompt": prompt,
                 "nearest": [
                     {"id": self.ids[i], "distance": d}
                     for i, d in zip(nearest.indices[g].tolist(), nearest.distances[g].tolist())
@@ -293,7 +303,7 @@ class _Audit:
             if entry["replica"]:
                 entry["file"] = f"{AUDIT_REPLICAS_DIR}/{seed:04d}.png"
                 if not self.file(entry["file"]).is_file():
-                    save_image(samples[g], self.file(entry["file"]))
+                    save_image(self.model.decode(samples[g : g + 1])[0].cpu(), self.file(entry["file"]))
                 if seed not in attributed:
                     attributed[seed] = self.attribute(entry)
                     write_json(path, list(attributed.values()))
@@ -302,7 +312,9 @@ class _Audit:
         return entries
 
     def attribute(self, entry: dict) -> dict:
-        (result,) = self.attributor.attribute(self.file(entry["file"]), labels=entry["label"], top_k=TOP_K)
+        (result,) = self.attributor.attribute(
+            self.file(entry["file"]), labels=entry["label"], prompts=entry["prompt"], top_k=TOP_K
+        )
         top = [{"id": e["id"], "score": e["score"]} for e in result.top]
         return {"seed": entry["seed"], "top1": top[0]["id"], "top": top, "query_id": result.query_id}
 
@@ -321,7 +333,7 @@ class _Audit:
                 copies = within_distance(flat[top1], flat, distance)
                 groups[top1] = torch.unique(torch.cat([copies, torch.tensor([top1])]))
             counts[groups[top1]] += 1
-            summary = {key: sample[key] for key in ("file", "seed", "label", "ratio", "top1")}
+            summary = {key: sample[key] for key in ("file", "seed", "label", "prompt", "ratio", "top1")}
             summary["distance"] = sample["nearest"][0]["distance"]
             for i in groups[top1].tolist():
                 evidence.setdefault(i, []).append(summary)

@@ -44,6 +44,11 @@ class BaselineScorer:
         self._features: torch.Tensor | None = None
         self._kernel: torch.Tensor | None = None
 
+    @property
+    def in_pixel_space(self) -> bool:
+        """Pixel and CLIP compare images; the gradient methods work in the model's space."""
+        return self.method in ("pixel", "clip")
+
     def settings(self) -> dict:
         """What shapes this method's numbers (besides the run's model, data, grid and seed)."""
         if self.method == "clip":
@@ -56,7 +61,10 @@ class BaselineScorer:
         """``(N, ...)`` training-side features, computed once and cached in the run directory."""
         if self._features is not None:
             return self._features
-        encodings, conditions = self.attributor.encodings()
+        if self.in_pixel_space and self.attributor.model.is_latent:
+            encodings, conditions = self.attributor.training_images(), None
+        else:
+            encodings, conditions = self.attributor.encodings()
         if self.method == "pixel":
             self._features = encodings
             return encodings

@@ -32,6 +32,9 @@ def _config_from(args: argparse.Namespace, config_class):
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="local diffusers pipeline or UNet folder")
     parser.add_argument("--scheduler", type=Path, help="scheduler folder, for a bare UNet folder --model")
+    parser.add_argument(
+        "--lora", type=Path, help="LoRA adapter folder (diffusers/peft format), fused into a text-to-image --model"
+    )
     parser.add_argument("--train", required=True, type=Path, help="training image folder (imagefolder layout)")
     parser.add_argument("--run-dir", required=True, type=Path, help="where caches and results are stored")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: auto)")
@@ -68,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--query", required=True, action="append", type=Path, help="query image (repeatable)")
     attribute.add_argument(
         "--label", action="append", type=int, help="class label of the queries (once for all, or once per --query)"
+    )
+    attribute.add_argument(
+        "--prompt",
+        action="append",
+        help="prompt of the queries of a text-to-image model (once for all, or once per --query; "
+        "default: the text of <query>.txt)",
     )
     attribute.add_argument("--top-k", type=int, default=10, help="training images to list per query (default: 10)")
     attribute.add_argument(
@@ -117,6 +126,7 @@ def _attributor(args, **extra):
         args.run_dir,
         scoring=_config_from(args, ScoringConfig),
         scheduler=args.scheduler,
+        lora=args.lora,
         device=args.device,
         progress=not args.quiet,
         **extra,
@@ -136,7 +146,9 @@ def run(args: argparse.Namespace) -> None:
             clip=_clip(args),
         )
         labels = args.label[0] if args.label and len(args.label) == 1 else args.label
-        for result in attributor.attribute(args.query, labels=labels, top_k=args.top_k, method=args.method):
+        prompts = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
+        results = attributor.attribute(args.query, labels=labels, prompts=prompts, top_k=args.top_k, method=args.method)
+        for result in results:
             print(result.table())
         print(f"\nresults in {attributor.run.path / 'queries'}")
     elif args.command == "audit":

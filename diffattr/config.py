@@ -83,7 +83,12 @@ class AttributionConfig(_JSONConfig):
     steps: int = _field(10, "optimizer steps on the query (0 leaves the model unchanged)")
     learning_rate: float = _field(1e-4, "optimizer step size")
     optimizer: str = _field("adam", "adam or sgd")
-    params: str = _field("all", "which UNet parameters move: all, attention, or a regular expression on their names")
+    params: str = _field(
+        "all",
+        "which UNet parameters move: all, attention, cross-attention-kv (key/value of cross-attention), "
+        "lora (a fresh low-rank adapter on the attention projections), or a regular expression on their names",
+    )
+    lora_rank: int = _field(4, "rank of the fresh adapter of --params lora")
     draws_per_step: int = _field(64, "(timestep, noise) draws of the query per optimizer step")
     aggregation: str = _field(
         "calibrated",
@@ -92,7 +97,7 @@ class AttributionConfig(_JSONConfig):
         "prediction: mean change of the model's prediction (two forward passes per row)",
     )
     calibration_images: int = _field(
-        8, "R: training images whose perturbations calibrate the `calibrated` aggregation (once per run)"
+        16, "R: training images whose perturbations calibrate the `calibrated` aggregation (once per run)"
     )
 
     def __post_init__(self):
@@ -102,8 +107,9 @@ class AttributionConfig(_JSONConfig):
         _check(0 <= self.steps <= 10_000, "steps", self.steps, "between 0 and 10000")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "positive")
         _check(self.draws_per_step >= 1, "draws_per_step", self.draws_per_step, "at least 1")
+        _check(self.lora_rank >= 1, "lora_rank", self.lora_rank, "at least 1")
         _check(self.calibration_images >= 2, "calibration_images", self.calibration_images, "at least 2")
-        _check(bool(self.params), "params", self.params, "all, attention or a regular expression")
+        _check(bool(self.params), "params", self.params, "all, attention, cross-attention-kv, lora or a regex")
         try:
             re.compile(self.params)
         except re.error as error:

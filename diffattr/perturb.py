@@ -17,19 +17,44 @@ from .errors import DiffattrError
 from .losses import add_noise, denoising_target, per_sample_mse
 from .models import DiffusionModel
 
-_ATTENTION = re.compile(r"attn|attention")
+_NAMED_SETS = {
+    "attention": re.compile(r"attn|attention"),
+    # Key and value projections of cross-attention (``attn2`` in diffusers' transformer blocks):
+    # the text-to-image "custom diffusion" choice of Wang et al. 2024.
+    "cross-attention-kv": re.compile(r"attn2\.to_[kv]\."),
+}
+# Linear layers a fresh LoRA adapter wraps: the attention projections of every diffusers UNet.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+_LORA_ADAPTER = "diffattr_query"
 
 
 def select_parameters(unet: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """The named parameters that move: ``all``, ``attention``, or those whose name matches a regex."""
+    """The named parameters that move: ``all``, a named set (``attention``, ``cross-attention-kv``),
+    ``lora`` (the attention projections a fresh adapter wraps), or those whose name matches a regex."""
     named = list(unet.named_parameters())
     if which == "all":
         return named
-    pattern = _ATTENTION if which == "attention" else re.compile(which)
+    if which == "lora":
+        chosen = [(n, p) for n, p in named if any(f".{t}.weight" in f".{n}" for t in LORA_TARGETS)]
+        if not chosen:
+            raise DiffattrError("--params lora: this UNet has no attention projections (to_q/to_k/to_v) to adapt")
+        return chosen
+    pattern = _NAMED_SETS.get(which) or re.compile(which)
     chosen = [(name, p) for name, p in named if pattern.search(name)]
     if not chosen:
-        raise DiffattrError(f"--params {which!r} matches no parameter of this UNet")
+        hint = " (text-to-image UNets have cross-attention; this one has none)" if which in _NAMED_SETS else ""
+        raise DiffattrError(f"--params {which!r} matches no parameter of this UNet{hint}")
     return chosen
+
+
+def _add_lora(unet: torch.nn.Module, rank: int) -> list[torch.nn.Parameter]:
+    """Wraps the attention projections with a fresh LoRA adapter (B = 0: the copy starts equal to
+    the model) and returns the adapter's parameters, the only ones that move."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True)
+    inject_adapter_in_model(config, unet, adapter_name=_LORA_ADAPTER)
+    return [p for name, p in unet.named_parameters() if "lora_" in name]
 
 
 def query_loss(
@@ -80,7 +105,10 @@ def perturbed_copy(
         The perturbed UNet (eval mode, no gradients) and the query loss before each step.
     """
     unet = copy.deepcopy(model.unet)
-    moving = [p for _, p in select_parameters(unet, config.params)]
+    if config.params == "lora":
+        moving = _add_lora(unet, config.lora_rank)
+    else:
+        moving = [p for _, p in select_parameters(unet, config.params)]
     for parameter in moving:
         parameter.requires_grad_(True)
     if config.optimizer == "adam":

@@ -3,7 +3,7 @@
 ```
 <run-dir>/config.json               what shaped the numbers (checked on every reuse), versions
 <run-dir>/ids.json                  training ids, in the row order of every tensor below
-<run-dir>/encodings.safetensors     "encodings" (N, C, H, W) [, "conditions" (N, ...)]
+<run-dir>/encodings/                "encodings" (N, C, H, W) [, "conditions" (N, ...)], row shards (shards.py)
 <run-dir>/baseline.safetensors      "baseline" (N, K), "timesteps" (K,)
 <run-dir>/calibration.safetensors   "reference" (N,), "indices" (R,): the `calibrated` aggregation's reference
 <run-dir>/queries/<query-id>/result.json       query, top-k, config, timings
@@ -29,7 +29,7 @@ from .files import atomic_write
 
 CONFIG_FILE = "config.json"
 IDS_FILE = "ids.json"
-ENCODINGS_FILE = "encodings.safetensors"
+ENCODINGS_DIR = "encodings"
 BASELINE_FILE = "baseline.safetensors"
 CALIBRATION_FILE = "calibration.safetensors"
 QUERIES_DIR = "queries"

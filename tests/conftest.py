@@ -52,3 +52,22 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("tiny_data"), 12)
+
+
+@pytest.fixture(scope="session")
+def toy_run_dir(tmp_path_factory) -> Path:
+    """One run directory for the bundled toy model with default settings, shared by the tests that
+    attribute on it: its baseline and calibration (R perturbations) are computed once per session."""
+    return tmp_path_factory.mktemp("toy_run")
+
+
+@pytest.fixture
+def link_toy_run(toy_run_dir):
+    """``link_toy_run(path)`` makes ``path`` (where a demo or example writes its run directory) the
+    shared toy run directory."""
+
+    def link(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(toy_run_dir, target_is_directory=True)
+
+    return link

@@ -116,7 +116,7 @@ def test_a_pipeline_without_its_scheduler_is_a_clear_error(tmp_path, tiny_model)
 
 
 def test_a_label_for_an_unconditional_model_is_refused(tmp_path, tiny_model, tiny_data):
-    with pytest.raises(DiffattrError, match="this model is unconditional: drop --label"):
+    with pytest.raises(DiffattrError, match="this model is not class-conditional: drop --label"):
         _attributor(tiny_model, tiny_data, tmp_path).attribute(tiny_data / "a" / "img_000.png", labels=1)
 
 

@@ -211,13 +211,13 @@ def test_cli_audit(tmp_path, tiny_model, tiny_data, capsys):
 # -- ground truth on the bundled toy model --------------------------------------------------------
 
 
-def test_audit_finds_the_canaries_of_the_toy_model(tmp_path):
+def test_audit_finds_the_canaries_of_the_toy_model(toy_run_dir):
     """720 digits, 4 canaries × 30 copies: the loss gap ranks the canaries first, and a generated
     replica (demo.json's seed) is flagged and attributed to its canary."""
     paths = toy_paths()
     seed, canary = next(iter(read_json(paths["demo"])["replicas"].items()))
     model = DiffusionModel.from_pretrained(paths["model"], device="cpu")
-    attributor = Attributor(model, paths["train"], tmp_path, progress=False)
+    attributor = Attributor(model, paths["train"], toy_run_dir, progress=False)
     report = attributor.audit(AuditConfig(samples=1, sample_seed=int(seed)))
     is_canary = torch.tensor([image_id.startswith("canaries/") for image_id in report.ids])
     assert auc(report.signals["loss_gap"], is_canary) >= 0.95

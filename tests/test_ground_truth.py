@@ -22,9 +22,9 @@ def toy():
 
 
 @pytest.fixture(scope="module")
-def attributor(toy, tmp_path_factory):
+def attributor(toy, toy_run_dir):
     paths, model = toy
-    return Attributor(model, paths["train"], tmp_path_factory.mktemp("toy_run"), progress=False)
+    return Attributor(model, paths["train"], toy_run_dir, progress=False)
 
 
 def _same_pixels(attributor, id_a, id_b):

@@ -29,7 +29,7 @@ def test_forward_process_and_targets_match_diffusers():
 def setup(tiny_model, tiny_data):
     model = DiffusionModel.from_pretrained(tiny_model, device="cpu")
     attributor = Attributor(model, tiny_data, "unused", progress=False)
-    encodings = attributor._encode_training_set()["encodings"]
+    encodings = attributor._encode_rows(0, len(attributor.ids))["encodings"]
     return model, encodings, attributor.ids
 
 

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from diffattr.errors import DiffattrError
+from diffattr.shards import ShardedTensor, shards_complete, write_shards
+
+
+def _rows(start: int, stop: int) -> dict[str, torch.Tensor]:
+    index = torch.arange(start, stop, dtype=torch.float32)
+    return {"encodings": index.view(-1, 1, 1).expand(-1, 2, 3).clone(), "conditions": index.long()}
+
+
+def test_sharded_tensor_reads_like_the_whole_tensor(tmp_path):
+    write_shards(tmp_path, 10, _rows, shard_rows=4)
+    tensors = ShardedTensor.open(tmp_path)
+    whole = _rows(0, 10)
+    encodings = tensors["encodings"]
+    assert encodings.shape == (10, 2, 3) and len(encodings) == 10 and encodings.dtype == torch.float32
+    assert torch.equal(encodings.load(), whole["encodings"])
+    assert torch.equal(tensors["conditions"].load(), whole["conditions"])
+    rows = torch.tensor([9, 0, 5, 4, 3])  # across shards, unsorted
+    assert torch.equal(encodings[rows], whole["encodings"][rows])
+    assert torch.equal(encodings[2:7], whole["encodings"][2:7])
+    assert torch.equal(encodings[-1], whole["encodings"][9])
+    with pytest.raises(IndexError):
+        encodings[10]
+
+
+def test_an_interrupted_write_resumes_after_its_last_complete_shard(tmp_path):
+    calls = []
+
+    def failing(start, stop):
+        calls.append(start)
+        if start == 8:
+            raise KeyboardInterrupt
+        return _rows(start, stop)
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(tmp_path, 10, failing, shard_rows=4)
+    assert not shards_complete(tmp_path)
+    with pytest.raises(DiffattrError, match="unfinished"):
+        ShardedTensor.open(tmp_path)
+    calls.clear()
+    write_shards(tmp_path, 10, lambda a, b: calls.append(a) or _rows(a, b), shard_rows=4)
+    assert calls == [8]
+    assert torch.equal(ShardedTensor.open(tmp_path)["encodings"].load(), _rows(0, 10)["encodings"])
