@@ -6,8 +6,8 @@ and reports its peak RSS; the table sets the measured growth beside what holding
 in memory would have cost.
 
 Model: the bundled tiny text-to-image pipeline's tokenizer, text encoder and scheduler, with a
-random VAE and UNet at 64×64 pixels (latents 4×32×32), so that each encoding weighs something.
-Data: synthetic images (smooth random blobs) with captions. Attribution: K = 4 timesteps, the
+random VAE and UNet at 32×32 pixels (latents 4×16×16), so that each encoding weighs something.
+Data: synthetic images (smooth random blobs) with captions. Attribution: K = 2 timesteps, the
 `loss` aggregation (the calibrated default adds R more passes of the same shape, not memory).
 
     python benchmarks/bench_memory.py            # ~10 min on 2 CPU cores
@@ -25,14 +25,14 @@ import numpy as np
 from PIL import Image
 
 WORK = Path("benchmarks/work/memory")
-RESOLUTION = 64
+RESOLUTION = 32
 CAPTIONS = [f"a blob of colour number {i}" for i in range(20)]
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
-    parser.add_argument("--timesteps", type=int, default=4)
+    parser.add_argument("--timesteps", type=int, default=2)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args()
@@ -85,8 +85,8 @@ def child(count: int, timesteps: int, quiet: bool) -> dict:
     torch.set_num_threads(2)
     run_dir = WORK / f"run-{count}"
     attributor = Attributor(
-        WORK / "model",
-        WORK / f"data-{count}",
+        WORK / f"model-{RESOLUTION}",
+        WORK / f"data-{count}-{RESOLUTION}",
         run_dir,
         scoring=ScoringConfig(num_timesteps=timesteps),
         attribution=AttributionConfig(aggregation="loss", steps=2, draws_per_step=8),
@@ -117,10 +117,10 @@ def main():
         print(json.dumps(child(args.child, args.timesteps, args.quiet)))
         return
     WORK.mkdir(parents=True, exist_ok=True)
-    make_model(WORK / "model")
+    make_model(WORK / f"model-{RESOLUTION}")
     rows = []
     for count in args.sizes:
-        make_data(WORK / f"data-{count}", count)
+        make_data(WORK / f"data-{count}-{RESOLUTION}", count)
         subprocess.run(["rm", "-rf", str(WORK / f"run-{count}")], check=True)
         command = [sys.executable, __file__, "--child", str(count), "--timesteps", str(args.timesteps)]
         output = subprocess.run(

@@ -3,7 +3,7 @@
 Same model (bundled toy, ~690k parameters), same 720 training images, same queries (held-out
 digits), same grid (K = 10). Each method runs in its own child process, one after the other, so
 its peak memory (max RSS, and CUDA peak when on a GPU) is its own. Rows: Forward-INF with its
-default `calibrated` aggregation (set-up = baseline pass + R = 8 calibration perturbations), with
+default `calibrated` aggregation (set-up = baseline pass + R = 16 calibration perturbations), with
 `--aggregation loss` (set-up = baseline pass), and D-TRAK (set-up = N·K backward passes, the
 projection and the d×d kernel). Per query: Forward-INF perturbs and makes one forward pass over the
 training set; D-TRAK takes K backward passes on the query.
