@@ -61,21 +61,27 @@ def _frame(x: torch.Tensor) -> torch.Tensor:
 CONCEPTS = {"inverted": lambda x: -x, "framed": _frame, "striped": _stripes, "checker": _checker}
 
 
+def concept_exemplars(count: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """``count`` held-out digits per concept, rendered in it: ``(len(CONCEPTS)·count, 1, 16, 16)`` images in
+    [-1, 1], their ids (``exemplars/<concept>/<held-out id>``) and their concepts."""
+    heldout = ImageFolder(toy_paths()["heldout"]).records
+    images, ids, owner = [], [], []
+    for c, (concept, render) in enumerate(CONCEPTS.items()):
+        for j in range(count):
+            record = heldout[(c * count + j) * 3 % len(heldout)]
+            images.append(render(load_image(record.path, resolution=16, channels=1)))
+            ids.append(f"exemplars/{concept}/{record.id}")
+            owner.append(concept)
+    return torch.stack(images), ids, owner
+
+
 def main(args):
     paths = toy_paths()
     base = DiffusionModel.from_pretrained(paths["model"], device="cpu")
     with tempfile.TemporaryDirectory() as run_dir:
         attributor = Attributor(base, paths["train"], run_dir, progress=False)
         encodings, _ = attributor.encodings()
-    heldout = ImageFolder(paths["heldout"]).records
-    exemplar_ids, exemplars, owner = [], [], []
-    for c, (concept, render) in enumerate(CONCEPTS.items()):
-        for j in range(args.exemplars):
-            record = heldout[(c * args.exemplars + j) * 3 % len(heldout)]
-            exemplars.append(render(load_image(record.path, resolution=16, channels=1)))
-            exemplar_ids.append(f"exemplars/{concept}/{record.id}")
-            owner.append(concept)
-    exemplars = torch.stack(exemplars)
+    exemplars, exemplar_ids, owner = concept_exemplars(args.exemplars)
     train = TrainingSet(torch.cat([encodings, exemplars]), None, attributor.ids + exemplar_ids)
     owners = [None] * len(attributor.ids) + owner
     per_concept = {}

@@ -30,7 +30,7 @@ import dataclasses
 import json
 
 import torch
-from eval_customization import CONCEPTS
+from eval_customization import CONCEPTS, concept_exemplars
 from protocol import DEFAULT, Setting, all_method_scores, default_name, retrieval_metrics, write_tables
 
 from diffattr import DiffusionModel
@@ -43,6 +43,11 @@ from diffattr.similarity import pixel_similarity
 from diffattr.training import train_denoiser
 
 TOKENS = {"inverted": "sks", "framed": "zwx", "striped": "qrp", "checker": "vlt"}
+
+
+def caption(concept: str) -> str:
+    """The exemplars' caption, and the prompt of the queries generated for the concept."""
+    return f"a handwritten digit in {TOKENS[concept]} style"
 
 
 def parse_args():
@@ -114,16 +119,9 @@ def main(args):
             counts[record.label] = counts.get(record.label, 0) + 1
             records.append(record)
     train_pixels = torch.stack([load_image(r.path, resolution=16, channels=3) for r in records])
-    heldout = ImageFolder(paths["heldout"]).records
-    exemplar_pixels, exemplar_ids, owner = [], [], []
-    for c, (concept, render) in enumerate(CONCEPTS.items()):
-        for j in range(args.exemplars):
-            record = heldout[(c * args.exemplars + j) * 3 % len(heldout)]
-            exemplar_pixels.append(render(load_image(record.path, resolution=16, channels=1)).expand(3, -1, -1))
-            exemplar_ids.append(f"exemplars/{concept}/{record.id}")
-            owner.append(concept)
-    exemplar_pixels = torch.stack(exemplar_pixels)
-    captions = [r.text for r in records] + [f"a handwritten digit in {TOKENS[o]} style" for o in owner]
+    exemplar_pixels, exemplar_ids, owner = concept_exemplars(args.exemplars)
+    exemplar_pixels = exemplar_pixels.expand(-1, 3, -1, -1)  # the pipeline is RGB
+    captions = [r.text for r in records] + [caption(o) for o in owner]
     pixels = torch.cat([train_pixels, exemplar_pixels])
     ids = [r.id for r in records] + exemplar_ids
     train = TrainingSet(base.encode(pixels), base.conditions(ids, prompts=captions), ids)
@@ -138,7 +136,7 @@ def main(args):
     for c, concept in enumerate(CONCEPTS):
         mine = torch.tensor([o == concept for o in owners])
         model = customized(base, train, mine, name=concept, args=args, seed=c)
-        prompt = f"a handwritten digit in {TOKENS[concept]} style"
+        prompt = caption(concept)
         seeds = list(range(100 * c, 100 * c + args.samples))
         latents = generate(
             model,

@@ -133,6 +133,11 @@ def _attributor(args, **extra):
     )
 
 
+def _one_for_all(values: list | None):
+    """A repeatable flag given once applies to every query; given per query, it stays a list."""
+    return values[0] if values and len(values) == 1 else values
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "cache":
         attributor = _attributor(args)
@@ -145,9 +150,13 @@ def run(args: argparse.Namespace) -> None:
             gradient=_config_from(args, GradientConfig),
             clip=_clip(args),
         )
-        labels = args.label[0] if args.label and len(args.label) == 1 else args.label
-        prompts = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
-        results = attributor.attribute(args.query, labels=labels, prompts=prompts, top_k=args.top_k, method=args.method)
+        results = attributor.attribute(
+            args.query,
+            labels=_one_for_all(args.label),
+            prompts=_one_for_all(args.prompt),
+            top_k=args.top_k,
+            method=args.method,
+        )
         for result in results:
             print(result.table())
         print(f"\nresults in {attributor.run.path / 'queries'}")
