@@ -2,7 +2,7 @@
 
 Both are measured in this one run, alternating, on the same rows (training image × timestep):
 - raw: ``unet(x, t)`` on pre-made batches under ``inference_mode`` — the ceiling;
-- engine: ``Attributor.score_training_set`` (``losses.loss_matrix``) — noise derived per (image, timestep, draw), the
+- engine: ``Engine.losses`` (``losses.loss_matrix``) — noise derived per (image, timestep, draw), the
   forward process, the target, the per-row loss and the bookkeeping.
 Prints rows/s for each and their ratio (target ≥ 0.9), then the per-query split of perturbation
 and scoring time of one attribution.
@@ -59,7 +59,7 @@ def main(args):
                     model.predict(inputs[:n], steps[:n], None if labels is None else labels[:n])
 
         def engine():
-            attributor.score_training_set(description="engine")
+            attributor.engine().losses(description="engine")
 
         timings = {"raw": [], "engine": []}
         raw()  # warm-up

@@ -63,14 +63,10 @@ def child(args) -> dict:
         attributor.encodings()
         start = time.perf_counter()
         if args.child.startswith("forward-inf"):
-            attributor.cache()
-            if attributor.attribution.aggregation == "calibrated":
-                attributor.calibration()
+            attributor.cache()  # the baseline, and the calibration of `calibrated`
             method = "forward-inf"
         else:
-            from diffattr.baselines import BaselineScorer
-
-            BaselineScorer(attributor, "dtrak", gradient=attributor.gradient).train_features()
+            attributor.train_features(attributor.scorer("dtrak"))
             method = "dtrak"
         setup = time.perf_counter() - start
         per_query = []

@@ -23,7 +23,7 @@ from protocol import all_method_scores, default_name, retrieval_metrics, sweep_s
 from diffattr import Attributor, DiffusionModel
 from diffattr.data import ImageFolder, load_image
 from diffattr.demo import toy_paths
-from diffattr.evaluation import Queries, TrainingSet
+from diffattr.engine import Queries, TrainingSet
 from diffattr.sampling import generate
 from diffattr.training import train_denoiser
 
@@ -87,11 +87,11 @@ def main(args):
     per_concept = {}
     for c, concept in enumerate(CONCEPTS):
         mine = torch.tensor([o == concept for o in owner])
-        unet = copy.deepcopy(base.unet).requires_grad_(True)
+        unet = copy.deepcopy(base.network).requires_grad_(True)
         train_denoiser(
-            unet,
-            base.scheduler,
+            base,
             exemplars[mine],
+            network=unet,
             steps=args.finetune_steps,
             batch_size=16,
             learning_rate=3e-4,
@@ -99,7 +99,9 @@ def main(args):
             progress=not args.quiet,
             description=f"fine-tuning on {concept}",
         )
-        model = DiffusionModel(unet.requires_grad_(False).eval(), base.scheduler, f"custom-{concept}", concept)
+        model = type(base)(
+            unet.requires_grad_(False).eval(), base.scheduler, source=f"custom-{concept}", fingerprint=concept
+        )
         seeds = list(range(100 * c, 100 * c + args.samples))
         samples = generate(model, seeds=seeds, progress=not args.quiet)
         queries = Queries(samples, None, [f"{concept}/seed{s}" for s in seeds])

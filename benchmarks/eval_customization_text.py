@@ -36,8 +36,7 @@ from protocol import DEFAULT, Setting, all_method_scores, default_name, retrieva
 from diffattr import DiffusionModel
 from diffattr.data import ImageFolder, load_image
 from diffattr.demo import assets_dir, toy_paths
-from diffattr.evaluation import Queries, TrainingSet
-from diffattr.perturb import LORA_TARGETS
+from diffattr.engine import Queries, TrainingSet
 from diffattr.sampling import generate
 from diffattr.similarity import pixel_similarity
 from diffattr.training import train_denoiser
@@ -79,8 +78,8 @@ def customized(base: DiffusionModel, train: TrainingSet, mine: torch.Tensor, *, 
     """The base with a fresh LoRA adapter trained on the exemplars (``mine``), fused into its weights."""
     from peft import LoraConfig
 
-    unet = copy.deepcopy(base.unet)
-    targets = [*LORA_TARGETS, "conv1", "conv2"]
+    unet = copy.deepcopy(base.network)
+    targets = [*base.lora_targets, "conv1", "conv2"]
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights="gaussian"))
     # Exemplars repeated to weigh as much as the base images drawn beside them (prior preservation).
     prior = torch.tensor([not image_id.startswith("exemplars/") for image_id in train.ids])
@@ -88,9 +87,9 @@ def customized(base: DiffusionModel, train: TrainingSet, mine: torch.Tensor, *, 
     latents = torch.cat([train.encodings[mine].repeat(repeats, 1, 1, 1), train.encodings[prior]])
     conditions = torch.cat([train.conditions[mine].repeat(repeats, 1, 1), train.conditions[prior]])
     train_denoiser(
-        unet,
-        base.scheduler,
+        base,
         latents,
+        network=unet,
         labels=conditions,
         parameters=[p for n, p in unet.named_parameters() if "lora_" in n],
         steps=args.lora_steps,

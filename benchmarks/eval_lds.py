@@ -28,11 +28,11 @@ from safetensors.torch import load_file, save_file
 
 from diffattr.data import ImageFolder, load_image
 from diffattr.demo import toy_paths
-from diffattr.evaluation import Queries, TrainingSet
+from diffattr.denoisers import DiffusionModel, PixelUNet, in_memory
+from diffattr.engine import Queries, TrainingSet
 from diffattr.losses import loss_matrix
 from diffattr.metrics import bootstrap_lds, linear_datamodeling_score
-from diffattr.models import DiffusionModel
-from diffattr.noise import timestep_grid
+from diffattr.noise import ScoringGrid, timestep_grid
 from diffattr.sampling import generate
 from diffattr.training import train_denoiser
 
@@ -91,13 +91,13 @@ def trained_model(path: Path, images: torch.Tensor, *, steps: int, seed: int, pr
     else:
         torch.manual_seed(seed)
         unet = lds_unet()
-        train_denoiser(unet, scheduler(), images, steps=steps, batch_size=32, seed=seed, progress=False)
+        train_denoiser(in_memory(unet, scheduler()), images, steps=steps, batch_size=32, seed=seed, progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(unet.state_dict(), tmp)
         tmp.replace(path)
     unet.requires_grad_(False).eval()
-    return DiffusionModel(unet, scheduler(), str(path), path.stem)
+    return PixelUNet(unet, scheduler(), source=str(path), fingerprint=path.stem)
 
 
 def subset_masks(num_subsets: int, num_images: int) -> torch.Tensor:
@@ -116,9 +116,7 @@ def query_losses(model: DiffusionModel, queries: Queries) -> torch.Tensor:
             queries.encodings,
             None,
             queries.names,
-            timesteps=timestep_grid(model.num_train_timesteps, 20),
-            num_draws=8,
-            seed=777,
+            ScoringGrid(timestep_grid(model.num_train_timesteps, 20), num_draws=8, seed=777),
             progress=False,
         )
         .losses.mean(1)

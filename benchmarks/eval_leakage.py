@@ -20,7 +20,7 @@ from protocol import all_method_scores, default_name, sweep_settings, write_tabl
 
 from diffattr import Attributor, DiffusionModel
 from diffattr.demo import toy_paths
-from diffattr.evaluation import Queries, TrainingSet
+from diffattr.engine import Queries, TrainingSet
 from diffattr.metrics import first_relevant_rank, top1_rate
 from diffattr.sampling import generate
 from diffattr.store import read_json

@@ -13,18 +13,13 @@ from pathlib import Path
 
 import torch
 
-from diffattr.config import AttributionConfig
-from diffattr.evaluation import (
-    Queries,
-    TrainingSet,
-    baseline_losses,
-    dtrak_sweep,
-    forward_inf_scores,
-    gradient_features,
-    pixel_scores,
-)
+from diffattr.baselines import SCORERS, ScorerContext
+from diffattr.config import AttributionConfig, GradientConfig, ScoringConfig
+from diffattr.denoisers import DiffusionModel
+from diffattr.engine import Engine, Queries, TrainingSet
+from diffattr.gradients import kernel_scores
 from diffattr.metrics import mean_average_precision, recall_at_k
-from diffattr.models import DiffusionModel
+from diffattr.noise import ScoringGrid
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT = AttributionConfig()
@@ -96,54 +91,41 @@ def all_method_scores(
     """
     scores, seconds = {}, {}
     start = time.perf_counter()
-    scores["pixel"] = pixel_scores(train, queries)
+    pixel = SCORERS["pixel"](ScorerContext(model, None, seed, GradientConfig()))
+    scores["pixel"] = pixel.scores(queries.encodings, train.encodings)
     seconds["pixel"] = time.perf_counter() - start
-    baselines = {}
+    engines, baselines = {}, {}
     start = time.perf_counter()
     for setting in settings:
         key = (setting.num_timesteps, setting.num_draws)
-        if key not in baselines:
-            baselines[key] = baseline_losses(
-                model, train, num_timesteps=key[0], num_draws=key[1], seed=seed, progress=progress
-            )
-        matrices = forward_inf_scores(
-            model,
-            train,
-            queries,
-            setting.config,
-            baseline=baselines[key],
-            num_timesteps=setting.num_timesteps,
-            num_draws=setting.num_draws,
-            seed=seed,
-            progress=progress,
-        )
+        if key not in engines:
+            scoring = ScoringConfig(num_timesteps=key[0], num_draws=key[1], seed=seed)
+            engines[key] = Engine(model, train, ScoringGrid.of(model.num_train_timesteps, scoring), progress=progress)
+            baselines[key] = engines[key].baseline()
+        matrices = engines[key].query_scores(queries, setting.config, baseline=baselines[key])
         for aggregation, matrix in matrices.items():
             scores[f"forward-inf[{setting.name()}|{aggregation}]"] = matrix
     seconds["forward-inf"] = time.perf_counter() - start
     for method in ("tracin", "dtrak") if gradient_methods else ():
         for num_timesteps in gradient_timesteps:
             start = time.perf_counter()
+            grid = ScoringGrid.of(model.num_train_timesteps, ScoringConfig(num_timesteps=num_timesteps, seed=seed))
+            context = ScorerContext(
+                model, grid.timesteps, seed, GradientConfig(projection_dim=projection_dim), progress=progress
+            )
+            scorer = SCORERS[method](context)
             features = {
-                side: gradient_features(
-                    model,
-                    data.encodings,
-                    data.conditions,
-                    names,
-                    method=method,
-                    num_timesteps=num_timesteps,
-                    seed=seed,
-                    projection_dim=projection_dim,
-                    progress=progress,
-                )
+                side: scorer.featurise(data.encodings, data.conditions, names, description=side)
                 for side, data, names in (("train", train, train.ids), ("query", queries, queries.names))
             }
-            grid = "" if num_timesteps == DEFAULT_K else f"K={num_timesteps}"
+            name = "" if num_timesteps == DEFAULT_K else f"K={num_timesteps}"
             if method == "tracin":
-                scores[f"tracin[{grid}]" if grid else "tracin"] = features["query"] @ features["train"].T
+                scores[f"tracin[{name}]" if name else "tracin"] = scorer.scores(features["query"], features["train"])
             else:
-                for damping, matrix in dtrak_sweep(features["query"], features["train"], DAMPINGS).items():
-                    scores[f"dtrak[{grid + ', ' if grid else ''}λ={damping:g}]"] = matrix
-            seconds[f"{method}[{grid}]" if grid else method] = time.perf_counter() - start
+                for damping in DAMPINGS:
+                    matrix = kernel_scores(features["query"], features["train"], damping=damping)
+                    scores[f"dtrak[{name + ', ' if name else ''}λ={damping:g}]"] = matrix
+            seconds[f"{method}[{name}]" if name else method] = time.perf_counter() - start
     return scores, seconds
 
 

@@ -2,21 +2,31 @@
 
 __version__ = "0.1.0"
 
-from .attributor import AttributionResult, Attributor
-from .audit import AuditConfig, AuditReport
-from .config import AttributionConfig, ScoringConfig
-from .data import ImageFolder
-from .errors import DiffattrError
-from .models import DiffusionModel
+import importlib
 
-__all__ = [
-    "AttributionConfig",
-    "AttributionResult",
-    "Attributor",
-    "AuditConfig",
-    "AuditReport",
-    "DiffattrError",
-    "DiffusionModel",
-    "ImageFolder",
-    "ScoringConfig",
-]
+# The public names, imported on first use: ``import diffattr`` (and ``diffattr --help``) stays
+# free of torch until something that needs it is touched.
+_EXPORTS = {
+    "AttributionConfig": "config",
+    "AttributionResult": "attributor",
+    "Attributor": "attributor",
+    "AuditConfig": "config",
+    "AuditReport": "audit",
+    "DiffattrError": "errors",
+    "DiffusionModel": "denoisers",
+    "ImageFolder": "data",
+    "ScoringConfig": "config",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'diffattr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -1,8 +1,12 @@
-"""The public API: ``Attributor(model, train, run_dir).cache()`` and ``.attribute(queries)``.
+"""The public API: ``Attributor(model, train, run_dir)`` with ``.cache()``, ``.attribute(queries)``
+and ``.audit()``.
 
-``cache()`` encodes the training set and computes the baseline loss matrix B once per (model,
-data, grid, seed); ``attribute()`` calls it when needed, then, per query, perturbs a copy of the
-UNet on the query and scores every training image again with the same noise (Forward-INF).
+A thin layer: it loads the model and the data, asks the :class:`~diffattr.engine.Engine` for the
+numbers and the :class:`~diffattr.store.RunDirectory` to keep them. ``cache()`` encodes the training
+set and computes everything a query needs — the baseline loss matrix B and, for the ``calibrated``
+aggregation, the calibration — once per run directory; ``attribute()`` calls it when needed, then,
+per query, perturbs a copy of the network on the query and scores every training image again with
+the same noise (Forward-INF). The baselines (``--method``) go through ``baselines.py``.
 """
 
 from __future__ import annotations
@@ -19,29 +23,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .audit import AuditConfig, AuditReport, run_audit
-from .baselines import BaselineScorer
-from .calibration import calibration_indices, calibration_reference
-from .config import METHODS, AttributionConfig, GradientConfig, ScoringConfig
-from .data import ImageFolder, file_digest, load_image, save_image
+from .audit import AuditInputs, AuditReport, run_audit
+from .baselines import SCORERS, Scorer, ScorerContext, method_names
+from .config import AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
+from .data import ImageFolder, file_digest, load_image
+from .denoisers import Denoiser
+from .engine import Engine, TrainingSet
 from .errors import DiffattrError
-from .losses import LossMatrix, loss_matrix
-from .models import DiffusionModel
-from .noise import noise_key, timestep_grid
-from .perturb import perturbed_copy, select_parameters
-from .scoring import aggregate, top_k
+from .noise import ScoringGrid
+from .perturb import select_parameters
+from .scoring import AGGREGATIONS, top_k
 from .shards import ShardedTensor, shards_complete, write_shards
-from .store import (
-    BASELINE_FILE,
-    CALIBRATION_FILE,
-    ENCODINGS_DIR,
-    IDS_FILE,
-    RunDirectory,
-    read_json,
-    read_tensors,
-    write_json,
-    write_tensors,
-)
+from .store import RunDirectory
 
 ENCODING_SHARD_ROWS = 1024  # images per encodings shard: the most the scoring pass holds at once
 
@@ -83,12 +76,13 @@ class AttributionResult:
 
 @dataclass
 class _Query:
-    """One query image as loaded, with its condition."""
+    """One query image as loaded, with its label or prompt and the model's condition tensor of it."""
 
     path: Path
     pixels: torch.Tensor
     label: int | None
     prompt: str | None
+    conditions: torch.Tensor | None  # (1, ...): computed once, used by the perturbation or a baseline
 
     @property
     def condition(self) -> int | str | None:
@@ -129,7 +123,8 @@ class Attributor:
     """Forward-INF attribution of generated images to the training images of a diffusers model.
 
     Args:
-        model: a loaded :class:`DiffusionModel` or the path of a local model folder.
+        model: a loaded :class:`~diffattr.denoisers.Denoiser` (``DiffusionModel``) or the path of
+            a local model folder.
         train: an :class:`ImageFolder` or the path of the training image folder.
         run_dir: where baseline, encodings and results are stored (see ``store.py``).
         scoring: timestep grid, noise draws, seed, batch size.
@@ -144,7 +139,7 @@ class Attributor:
 
     def __init__(
         self,
-        model: DiffusionModel | str | Path,
+        model: Denoiser | str | Path,
         train: ImageFolder | str | Path,
         run_dir: str | Path,
         *,
@@ -157,8 +152,8 @@ class Attributor:
         device: str | None = None,
         progress: bool = True,
     ):
-        if not isinstance(model, DiffusionModel):
-            model = DiffusionModel.from_pretrained(model, scheduler=scheduler, lora=lora, device=device)
+        if not isinstance(model, Denoiser):
+            model = Denoiser.from_pretrained(model, scheduler=scheduler, lora=lora, device=device)
         self.model = model
         self.data = train if isinstance(train, ImageFolder) else ImageFolder(train)
         self.run = RunDirectory(run_dir)
@@ -167,39 +162,60 @@ class Attributor:
         self.gradient = gradient or GradientConfig()
         self.clip = clip
         self.progress = progress
-        self.timesteps = timestep_grid(model.num_train_timesteps, self.scoring.num_timesteps)
+        self.grid = ScoringGrid.of(model.num_train_timesteps, self.scoring)
+        self._fingerprint: str | None = None  # of the training data, hashed once
+        self._checked: set[bool] = set()  # run-config checks passed: with / without the attribution section
+        self._engine: Engine | None = None
+        self._loaded: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._baseline: torch.Tensor | None = None
-        self._config: dict | None = None
-        self._encodings: tuple[ShardedTensor, ShardedTensor | None] | None = None
-        self._scorers: dict[str, BaselineScorer] = {}
+        self._reference: torch.Tensor | None = None
+        self._scorers: dict[str, Scorer] = {}
 
     @property
     def ids(self) -> list[str]:
         return self.data.ids
 
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.grid.timesteps
+
     def run_config(self, *, with_attribution: bool) -> dict:
         """What goes into ``config.json``: checked sections first, then versions for the record."""
-        if self._config is None:
-            self._config = self._base_config()
-        config = dict(self._config)
-        if with_attribution:
-            config["attribution"] = self.attribution.to_dict()
-        return config
-
-    def _base_config(self) -> dict:
-        return {
+        config = {
             "model": {
                 "source": self.model.source,
                 "fingerprint": self.model.fingerprint,
                 "prediction_type": self.model.prediction_type,
                 "sample_shape": list(self.model.sample_shape),
             },
-            "data": {"root": str(self.data.root), "fingerprint": self.data.fingerprint(), "num_images": len(self.data)},
+            "data": {
+                "root": str(self.data.root),
+                "fingerprint": self._data_fingerprint(),
+                "num_images": len(self.data),
+            },
             "scoring": {**self.scoring.fingerprint(), "timesteps": self.timesteps.tolist()},
             "versions": {"diffattr": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         }
+        if with_attribution:
+            config["attribution"] = self.attribution.to_dict()
+        return config
 
-    # -- cache: encodings and baseline, once per run directory -----------------------------------
+    def _data_fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self.data.fingerprint()
+        return self._fingerprint
+
+    def _open_run(self, *, with_attribution: bool) -> None:
+        """The one settings check of this object's run directory (and its ids), done once."""
+        if with_attribution in self._checked or True in self._checked:
+            return
+        if with_attribution:
+            select_parameters(self.model, self.attribution.params)  # a bad --params fails before any pass
+        self.run.check_or_write_config(self.run_config(with_attribution=with_attribution))
+        self.run.check_or_write_ids(self.ids)
+        self._checked.add(with_attribution)
+
+    # -- cache: encodings, baseline, calibration — once per run directory -----------------------
 
     def training_encodings(self) -> tuple[ShardedTensor, ShardedTensor | None]:
         """Encodings ``(N, C, H, W)`` and conditions ``(N, ...)`` of the training set, streamed.
@@ -208,19 +224,26 @@ class Attributor:
         latents and caption embeddings of latent text-to-image models), then read one shard at
         a time: memory does not grow with the training set.
         """
-        if self._encodings is None:
-            self.run.check_or_write_config(self.run_config(with_attribution=False))
-            folder = self.run.file(ENCODINGS_DIR)
+        return self.engine().train.encodings, self.engine().train.conditions
+
+    def engine(self) -> Engine:
+        """The engine over this model, the training set's (streamed) encodings and the run's grid."""
+        if self._engine is None:
+            self._open_run(with_attribution=False)
+            folder = self.run.encodings_dir
             if not shards_complete(folder):
                 write_shards(folder, len(self.ids), self._encode_rows, shard_rows=ENCODING_SHARD_ROWS)
             tensors = ShardedTensor.open(folder)
-            self._encodings = (tensors["encodings"], tensors.get("conditions"))
-        return self._encodings
+            train = TrainingSet(tensors["encodings"], tensors.get("conditions"), self.ids)
+            self._engine = Engine(self.model, train, self.grid, progress=self.progress)
+        return self._engine
 
     def encodings(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The training set's encodings and conditions as whole tensors (for audits and baselines)."""
-        encodings, conditions = self.training_encodings()
-        return encodings.load(), None if conditions is None else conditions.load()
+        """The training set's encodings and conditions as whole tensors (audits, baselines), loaded once."""
+        if self._loaded is None:
+            encodings, conditions = self.training_encodings()
+            self._loaded = (encodings.load(), None if conditions is None else conditions.load())
+        return self._loaded
 
     def _encode_rows(self, start: int, stop: int, batch_size: int = 64) -> dict[str, torch.Tensor]:
         records = self.data.records[start:stop]
@@ -229,7 +252,7 @@ class Attributor:
         with bar, torch.inference_mode():
             for first in range(0, len(records), batch_size):
                 batch = records[first : first + batch_size]
-                pixels = torch.stack([self._load(r.path) for r in batch])
+                pixels = torch.stack([self.load_image(r.path) for r in batch])
                 chunks.append(self.model.encode(pixels.to(self.model.device)).cpu())
                 condition = self.model.conditions(
                     [r.id for r in batch], labels=[r.label for r in batch], prompts=[r.text for r in batch]
@@ -245,13 +268,38 @@ class Attributor:
     def training_images(self) -> torch.Tensor:
         """``(N, C, H, W)`` training images in ``[-1, 1]``, as the model sees them (pixel baselines)."""
         records = self.data.records
-        return torch.stack([self._load(r.path) for r in tqdm(records, disable=not self.progress, desc="images")])
+        return torch.stack([self.load_image(r.path) for r in tqdm(records, disable=not self.progress, desc="images")])
 
-    def _load(self, path: Path) -> torch.Tensor:
+    def load_image(self, path: Path) -> torch.Tensor:
+        """An image file as the model sees it: ``(C, H, W)`` in ``[-1, 1]`` at its resolution."""
         return load_image(path, resolution=self.model.resolution, channels=self.model.channels)
 
+    def baseline(self) -> torch.Tensor:
+        """``(N, K)`` baseline losses B, rows in the order of ``ids``: computed once, then read."""
+        if self._baseline is None:
+            engine = self.engine()
+            self._baseline = self.run.read_baseline()
+            if self._baseline is None:
+                self._baseline = engine.baseline()
+                self.run.write_baseline(self._baseline, self.timesteps)
+        return self._baseline
+
+    def calibration(self) -> torch.Tensor:
+        """``(N,)`` reference response of each training image (``Engine.calibration``) under this
+        object's attribution settings: computed once, saved with those settings, and reused only
+        under the same ones."""
+        if self._reference is None:
+            settings = self.attribution.to_dict()
+            self._reference = self.run.read_calibration(settings)
+            if self._reference is None:
+                self._reference, indices = self.engine().calibration(self.attribution, self.baseline())
+                self.run.write_calibration(self._reference, indices, settings)
+        return self._reference
+
     def cache(self) -> torch.Tensor:
-        """Computes (or loads) the baseline loss matrix B.
+        """Computes (or loads) everything a query needs: encodings, the baseline loss matrix B and,
+        for the ``calibrated`` aggregation, the calibration under this object's attribution
+        settings. The first query with those settings then costs what every later query costs.
 
         Returns:
             ``(N, K)`` baseline losses, rows in the order of ``ids``.
@@ -259,69 +307,10 @@ class Attributor:
         Raises:
             DiffattrError: the run directory holds results of another model, data set or grid.
         """
-        if self._baseline is not None:
-            return self._baseline
-        self._check_ids()
-        if self.run.exists(BASELINE_FILE):
-            self._baseline = read_tensors(self.run.file(BASELINE_FILE))["baseline"]
-            return self._baseline
-        matrix = self.score_training_set(description="baseline")
-        write_tensors(self.run.file(BASELINE_FILE), {"baseline": matrix.losses, "timesteps": self.timesteps})
-        self._baseline = matrix.losses
-        return self._baseline
-
-    def calibration(self) -> torch.Tensor:
-        """``(N,)`` reference response of each training image (``calibration.py``), cached.
-
-        Valid for the run directory's attribution settings, which ``attribute`` checks first.
-        """
-        if self.run.exists(CALIBRATION_FILE):
-            return read_tensors(self.run.file(CALIBRATION_FILE))["reference"]
-        encodings, conditions = self.training_encodings()
-        reference = calibration_reference(
-            self.model,
-            encodings,
-            conditions,
-            self.ids,
-            self.attribution,
-            baseline=self.cache(),
-            timesteps=self.timesteps,
-            num_draws=self.scoring.num_draws,
-            seed=self.scoring.seed,
-            batch_size=self.scoring.batch_size,
-            progress=self.progress,
-        )
-        indices = torch.tensor(calibration_indices(len(self.ids), self.attribution.calibration_images))
-        write_tensors(self.run.file(CALIBRATION_FILE), {"reference": reference, "indices": indices})
-        return reference
-
-    def _check_ids(self) -> None:
-        self.run.check_or_write_config(self.run_config(with_attribution=False))
-        if self.run.exists(IDS_FILE) and read_json(self.run.file(IDS_FILE)) != self.ids:
-            raise DiffattrError(f"{self.run.file(IDS_FILE)} lists other images; use a new --run-dir")
-        write_json(self.run.file(IDS_FILE), self.ids)
-
-    def score_training_set(self, *, description: str, **unets) -> LossMatrix:
-        """One forward pass over the training set on the run's grid and noise (see ``loss_matrix``).
-
-        Args:
-            description: progress-bar label.
-            **unets: ``unet`` (network to score) and ``reference_unet``, as in ``loss_matrix``.
-        """
-        encodings, conditions = self.training_encodings()
-        return loss_matrix(
-            self.model,
-            encodings,
-            conditions,
-            self.ids,
-            timesteps=self.timesteps,
-            num_draws=self.scoring.num_draws,
-            seed=self.scoring.seed,
-            batch_size=self.scoring.batch_size,
-            progress=self.progress,
-            description=description,
-            **unets,
-        )
+        baseline = self.baseline()
+        if AGGREGATIONS[self.attribution.aggregation].needs_calibration:
+            self.calibration()
+        return baseline
 
     # -- attribute: one perturbation and one scoring pass per query ------------------------------
 
@@ -342,9 +331,9 @@ class Attributor:
                 class-conditional models.
             prompts: prompt of each query (one for all, or one per query) for text-to-image
                 models; a query without one reads it from ``<query>.txt`` beside the image.
-            top_k: how many training images ``result.json`` lists.
-            method: ``forward-inf`` (diffattr's method), or a baseline: ``pixel``, ``clip``,
-                ``tracin``, ``dtrak`` (see ``baselines.py``).
+            top_k: how many training images ``result.json`` lists (all N when ``top_k`` ≥ N).
+            method: ``forward-inf`` (diffattr's method), or a baseline registered in
+                ``baselines.py``: ``pixel``, ``clip``, ``tracin``, ``dtrak``.
 
         Returns:
             One :class:`AttributionResult` per query, also written under ``<run-dir>/queries/``.
@@ -352,14 +341,13 @@ class Attributor:
         paths = [Path(q) for q in ([queries] if isinstance(queries, (str, Path)) else queries)]
         if top_k < 1:
             raise DiffattrError(f"--top-k {top_k}: must be at least 1")
-        if method not in METHODS:
-            raise DiffattrError(f"--method {method!r}: must be one of {METHODS}")
+        if method not in method_names():
+            raise DiffattrError(f"--method {method!r}: must be one of {method_names()}")
         # Fail on a bad query, label, prompt or option before any long pass.
         batch = self._queries(paths, labels, prompts)
         if method != "forward-inf":
             return self._attribute_baseline(method, batch, top_k)
-        select_parameters(self.model.unet, self.attribution.params)
-        self.run.check_or_write_config(self.run_config(with_attribution=True))
+        self._open_run(with_attribution=True)
         baseline = self.cache()
         return [self._attribute_one(query, baseline, top_k) for query in batch]
 
@@ -372,48 +360,43 @@ class Attributor:
             raise DiffattrError("--prompt given, but this model is not a text-to-image model: drop --prompt")
         if self.model.is_text_conditioned:
             prompts = [_sidecar_prompt(path) if prompt is None else prompt for path, prompt in zip(paths, prompts)]
-        self.model.conditions([str(path) for path in paths], labels=labels, prompts=[p or "" for p in prompts])
-        return [_Query(path, self._load(path), label, prompt) for path, label, prompt in zip(paths, labels, prompts)]
+        conditions = [
+            self.model.conditions([str(path)], labels=[label], prompts=[prompt])
+            for path, label, prompt in zip(paths, labels, prompts)
+        ]
+        return [
+            _Query(path, self.load_image(path), label, prompt, condition)
+            for path, label, prompt, condition in zip(paths, labels, prompts, conditions)
+        ]
 
     def _attribute_one(self, query: _Query, baseline: torch.Tensor, k: int) -> AttributionResult:
         query_id = query_id_for(query.path, query.condition)
         encoding = self.model.encode(query.pixels[None].to(self.model.device))[0]
-        start = time.perf_counter()
-        perturbed, query_losses = perturbed_copy(
-            self.model,
+        engine = self.engine()
+        response = engine.respond(
             encoding,
-            self._query_conditions([query]),
+            query.conditions,
+            "perturb:" + query_id,
             self.attribution,
-            seed=noise_key(self.scoring.seed, "perturb:" + query_id),
             progress=self.progress,
-        )
-        perturb_seconds = time.perf_counter() - start
-        matrix = self.score_training_set(
-            unet=perturbed,
-            reference_unet=self.model.unet if self.attribution.aggregation == "prediction" else None,
             description=f"scoring {query.path.name}",
         )
-        score_seconds = time.perf_counter() - start - perturb_seconds
-        scores = aggregate(
-            self.attribution.aggregation,
-            baseline=baseline,
-            after=matrix.losses,
-            direction=self.attribution.direction,
-            change=matrix.prediction_change,
-            reference=self.calibration() if self.attribution.aggregation == "calibrated" else None,
-        )
+        needs_calibration = AGGREGATIONS[self.attribution.aggregation].needs_calibration
+        reference = self.calibration() if needs_calibration else None
+        scores = engine.score(response, baseline, self.attribution, reference=reference)
+        after = response.after
         result = AttributionResult(
             query=str(query.path),
             query_id=query_id,
             ids=self.ids,
             scores=scores,
-            deltas=matrix.losses - baseline,
+            deltas=after.losses - baseline,
             top=self._top(scores, k),
-            timings={"perturb_seconds": perturb_seconds, "score_seconds": score_seconds},
+            timings=response.timings,
         )
-        tensors = {"after": matrix.losses}
-        if matrix.prediction_change is not None:
-            tensors["prediction_change"] = matrix.prediction_change
+        tensors = {"after": after.losses}
+        if after.prediction_change is not None:
+            tensors["prediction_change"] = after.prediction_change
         config = self.run_config(with_attribution=True)
         self._save(
             result,
@@ -421,33 +404,48 @@ class Attributor:
             tensors=tensors,
             record={
                 "config": {key: config[key] for key in ("scoring", "attribution")},
-                "query_loss_per_step": query_losses,
+                "query_loss_per_step": response.query_losses,
             },
         )
         return result
 
-    def _query_conditions(self, queries: list[_Query]) -> torch.Tensor | None:
-        return self.model.conditions(
-            [str(q.path) for q in queries], labels=[q.label for q in queries], prompts=[q.prompt for q in queries]
-        )
+    def scorer(self, method: str) -> Scorer:
+        """The baseline ``method`` over this run (kept: features and kernel serve later calls)."""
+        if method not in self._scorers:
+            context = ScorerContext(
+                self.model, self.timesteps, self.scoring.seed, self.gradient, clip=self.clip, progress=self.progress
+            )
+            self._scorers[method] = SCORERS[method](context)
+        return self._scorers[method]
+
+    def train_features(self, scorer: Scorer) -> torch.Tensor:
+        """``(N, ...)`` training features of a baseline, computed once and kept in the run directory."""
+        if not hasattr(scorer, "_train_features"):
+            self._open_run(with_attribution=False)
+            in_pixels = scorer.space == "pixels" and self.model.is_latent
+            images, conditions = (self.training_images(), None) if in_pixels else self.encodings()
+            settings = scorer.feature_settings()
+            features = self.run.read_features(scorer.name, settings) if scorer.cached else None
+            if features is None:
+                features = scorer.featurise(images, conditions, self.ids, description="training set")
+                if scorer.cached:
+                    self.run.write_features(scorer.name, settings, features)
+            scorer._train_features = features
+        return scorer._train_features
 
     def _attribute_baseline(self, method: str, queries: list[_Query], k: int) -> list[AttributionResult]:
-        if method not in self._scorers:  # kept: features, projection and kernel serve later calls
-            self._scorers[method] = BaselineScorer(self, method, gradient=self.gradient, clip=self.clip)
-        scorer = self._scorers[method]
-        self._check_ids()
+        scorer = self.scorer(method)
         start = time.perf_counter()
-        scorer.train_features()
+        train = self.train_features(scorer)
         setup_seconds = time.perf_counter() - start
         settings = scorer.settings()
         start = time.perf_counter()
         query_ids = [query_id_for(q.path, q.condition, settings) for q in queries]
         pixels = torch.stack([q.pixels for q in queries])
-        scores = scorer.scores(
-            pixels if scorer.in_pixel_space else self.model.encode(pixels.to(self.model.device)),
-            self._query_conditions(queries),
-            ["query:" + q for q in query_ids],
-        )
+        images = pixels if scorer.space == "pixels" else self.model.encode(pixels.to(self.model.device))
+        conditions = None if queries[0].conditions is None else torch.cat([q.conditions for q in queries])
+        features = scorer.featurise(images, conditions, ["query:" + q for q in query_ids], description="queries")
+        scores = scorer.scores(features, train)
         score_seconds = (time.perf_counter() - start) / len(queries)
         config = {"scoring": self.run_config(with_attribution=False)["scoring"], **settings}
         results = []
@@ -467,7 +465,7 @@ class Attributor:
         return results
 
     def _top(self, scores: torch.Tensor, k: int) -> list[dict]:
-        top_scores, top_indices = top_k(scores, min(k, len(scores)))
+        top_scores, top_indices = top_k(scores, k)
         records = self.data.records
         return [
             {"rank": rank, "id": records[i].id, "score": score, "text": records[i].text, "label": records[i].label}
@@ -475,14 +473,11 @@ class Attributor:
         ]
 
     def _save(self, result: AttributionResult, query: _Query, *, tensors: dict, record: dict) -> None:
-        folder = self.run.query_dir(result.query_id)
         tensors = {"scores": result.scores, **tensors}
         if result.deltas is not None:
             tensors["deltas"] = result.deltas
-        write_tensors(folder / "scores.safetensors", tensors)
-        save_image(query.pixels, folder / "query.png")
-        write_json(
-            folder / "result.json",
+        self.run.save_result(
+            result.query_id,
             {
                 "query": result.query,
                 "query_id": result.query_id,
@@ -493,6 +488,8 @@ class Attributor:
                 "timings": result.timings,
                 **record,
             },
+            tensors,
+            query.pixels,
         )
 
     # -- audit: which training images the model has memorized ----------------------------------------
@@ -513,5 +510,48 @@ class Attributor:
 
         Returns:
             An :class:`~diffattr.audit.AuditReport`, also written under ``<run-dir>/audit/``.
+
+        Raises:
+            DiffattrError: a saved audit has other settings, ``mislabeled`` on an unconditional
+                model, or a bad test folder.
         """
-        return run_audit(self, config or AuditConfig(), leakage=leakage, mislabeled=mislabeled)
+        config = config or AuditConfig()
+        if mislabeled and self.model.num_classes is None:
+            raise DiffattrError(
+                "--mislabeled needs a class-conditional model (num_class_embeds), and this one is unconditional: "
+                "drop --mislabeled"
+            )
+        if config.sampling_steps > self.model.num_train_timesteps:
+            raise DiffattrError(
+                f"--sampling-steps {config.sampling_steps}: must be at most the scheduler's "
+                f"{self.model.num_train_timesteps} training timesteps (0: all)"
+            )
+        test = None
+        if leakage is not None:
+            try:
+                test = leakage if isinstance(leakage, ImageFolder) else ImageFolder(leakage)
+            except DiffattrError as error:
+                raise DiffattrError(f"--leakage: {error}") from None
+        if config.samples:
+            # Replicas are attributed after sampling: refuse other attribution settings before it.
+            self._open_run(with_attribution=True)
+        baseline = self.cache() if config.samples else self.baseline()
+        encodings, conditions = self.encodings()
+        inputs = AuditInputs(
+            model=self.model,
+            grid=self.grid,
+            ids=self.ids,
+            captions=[record.text for record in self.data.records],
+            encodings=encodings,
+            conditions=conditions,
+            baseline=baseline,
+            store=self.run,
+            load_image=self.load_image,
+            attribute=self._attribute_replica,
+            progress=self.progress,
+        )
+        return run_audit(inputs, config, leakage=test, mislabeled=mislabeled)
+
+    def _attribute_replica(self, path: Path, label: int | None, prompt: str | None, top_k: int) -> AttributionResult:
+        (result,) = self.attribute(path, labels=label, prompts=prompt, top_k=top_k)
+        return result

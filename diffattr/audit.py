@@ -1,7 +1,9 @@
 """The memorization audit: which training images has the model memorized, and the evidence for each.
 
-``Attributor(...).audit()`` (``diffattr audit``) runs these stages, each saved under
-``<run-dir>/audit/`` and reused by a rerun with the same settings:
+``Attributor(...).audit()`` (``diffattr audit``) runs these stages over :class:`AuditInputs` (the
+model, the training set's encodings and baseline, the run directory, and a callable that
+attributes one replica), each saved under ``<run-dir>/audit/`` and reused by a rerun with the same
+settings:
 
 1. **loss gap** (from the run's cached baseline B): how far below the training set's typical loss
    an image's denoising loss lies, per timestep (robust z-score of log B) and averaged;
@@ -27,15 +29,16 @@ hold — the most memorized images would be the ones never flagged.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import _check, _field, _JSONConfig, config_differences
+from .config import AuditConfig, config_differences
 from .data import ImageFolder, save_image
+from .denoisers import Denoiser
 from .errors import DiffattrError
 from .losses import loss_matrix
 from .memorization import (
@@ -50,11 +53,10 @@ from .memorization import (
     timestep_weights,
     within_distance,
 )
-from .perturb import select_parameters
+from .noise import ScoringGrid
 from .sampling import generate
 from .store import (
     AUDIT_CONFIG_FILE,
-    AUDIT_DIR,
     AUDIT_LEAKAGE_FILE,
     AUDIT_MISLABELED_FILE,
     AUDIT_MISLABELED_LOSSES_FILE,
@@ -64,54 +66,18 @@ from .store import (
     AUDIT_REPORT_FILE,
     AUDIT_SAMPLES_FILE,
     AUDIT_SCORES_FILE,
+    RunDirectory,
     read_json,
     read_tensors,
     write_json,
     write_tensors,
 )
 
-if TYPE_CHECKING:
-    from .attributor import Attributor
-
 SAMPLE_BATCH = 64  # samples denoised together; each sample depends on its seed only
 MAX_LISTED = 10  # copies listed per image in the evidence
 NEAREST_LISTED = 3  # nearest distinct neighbours listed per image
 SAMPLE_NEIGHBOURS = 5  # nearest training images recorded per sample
 TOP_K = 5  # training images kept per replica attribution
-
-
-@dataclass(frozen=True)
-class AuditConfig(_JSONConfig):
-    """How the audit looks for memorized training images: samples, replica criterion, combined score."""
-
-    samples: int = _field(0, "G: samples to generate and test for replicas (0: no replication signal)")
-    sample_seed: int = _field(0, "seed of the first sample; sample i uses seed sample_seed + i")
-    sampling_steps: int = _field(0, "denoising steps per sample (0: all of the scheduler's training timesteps)")
-    alpha: float = _field(
-        0.5, "Carlini's α: a sample is a replica of its nearest training image x when closer than α × x's reference"
-    )
-    neighbours: int = _field(50, "n: x's reference is its mean ℓ2 to its n nearest distinct training images")
-    leakage_neighbours: int = _field(
-        5,
-        "n of the --leakage verdict (capped at --neighbours): n = 50 called 20 of 100 genuine 16x16 test digits "
-        "copies, n = 5 none (benchmarks/RESULTS.md)",
-    )
-    copy_tolerance: float = _field(
-        0.02, "RMS pixel difference (pixels in [-1, 1]) up to which two training images are copies of each other"
-    )
-    gap_timesteps: float = _field(1.0, "the loss gap averages grid timesteps below this fraction of T (1: all)")
-    replica_weight: float = _field(2.0, "score added to an image per doubling of the replicas attributed to it")
-
-    def __post_init__(self):
-        _check(0 <= self.samples <= 1_000_000, "samples", self.samples, "between 0 and 1000000")
-        _check(0 <= self.sample_seed < 2**63, "sample_seed", self.sample_seed, "a non-negative integer")
-        _check(self.sampling_steps >= 0, "sampling_steps", self.sampling_steps, "0 (all) or a positive integer")
-        _check(self.alpha > 0, "alpha", self.alpha, "positive")
-        _check(self.neighbours >= 1, "neighbours", self.neighbours, "at least 1")
-        _check(self.leakage_neighbours >= 1, "leakage_neighbours", self.leakage_neighbours, "at least 1")
-        _check(self.copy_tolerance >= 0, "copy_tolerance", self.copy_tolerance, "non-negative")
-        _check(0 < self.gap_timesteps <= 1, "gap_timesteps", self.gap_timesteps, "in (0, 1]")
-        _check(self.replica_weight >= 0, "replica_weight", self.replica_weight, "non-negative")
 
 
 @dataclass
@@ -173,23 +139,53 @@ class AuditReport:
         return "\n".join(lines)
 
 
+@dataclass
+class AuditInputs:
+    """Everything the audit reads, and the one thing it calls back: attributing a replica.
+
+    Attributes:
+        model: the model (samples, encodings of test images, the mislabel passes).
+        grid: the run's timesteps, draws and seed.
+        ids: training ids, the row order of every tensor.
+        captions: each training image's caption (text-to-image models are prompted with them).
+        encodings: ``(N, C, H, W)`` training encodings; ``conditions`` ``(N, ...)`` or ``None``.
+        baseline: ``(N, K)`` baseline losses B.
+        store: the run directory (the audit writes its ``audit/`` folder).
+        load_image: an image file as the model sees it, ``(C, H, W)`` in ``[-1, 1]``.
+        attribute: ``(image file, label, prompt, top_k) → result`` with ``.top`` and ``.query_id``.
+        progress: show progress bars.
+    """
+
+    model: Denoiser
+    grid: ScoringGrid
+    ids: list[str]
+    captions: list[str | None]
+    encodings: torch.Tensor
+    conditions: torch.Tensor | None
+    baseline: torch.Tensor
+    store: RunDirectory
+    load_image: Callable[[Path], torch.Tensor]
+    attribute: Callable
+    progress: bool = False
+
+
 def _flat(encodings: torch.Tensor) -> torch.Tensor:
     return encodings.flatten(1).float()
 
 
 class _Audit:
-    """One audit run over an :class:`Attributor`'s model, training set and run directory."""
+    """One audit run over :class:`AuditInputs`."""
 
-    def __init__(self, attributor: Attributor, config: AuditConfig):
-        self.attributor = attributor
-        self.model = attributor.model
+    def __init__(self, inputs: AuditInputs, config: AuditConfig):
+        self.inputs = inputs
+        self.model = inputs.model
         self.config = config
-        self.folder = attributor.run.file(AUDIT_DIR)
-        self.progress = attributor.progress
-        self.ids = attributor.ids
+        self.folder = inputs.store.audit_dir
+        self.progress = inputs.progress
+        self.ids = inputs.ids
 
     def file(self, name: str) -> Path:
-        return self.folder / name
+        return self.inputs.store.audit_file(name)
 
     def check_or_write_settings(self) -> None:
         """Saves the audit settings, or refuses to mix a saved audit with other settings."""
@@ -248,7 +244,7 @@ class _Audit:
         the distinct captions, sorted, caption ``seed mod count`` for each seed."""
         if not self.model.is_text_conditioned:
             return [None] * len(seeds)
-        captions = sorted({record.text or "" for record in self.attributor.data.records})
+        captions = sorted({caption or "" for caption in self.inputs.captions})
         return [captions[seed % len(captions)] for seed in seeds]
 
     def samples(self) -> tuple[torch.Tensor, list[int], list[int | None], list[str | None]]:
@@ -312,9 +308,7 @@ class _Audit:
         return entries
 
     def attribute(self, entry: dict) -> dict:
-        (result,) = self.attributor.attribute(
-            self.file(entry["file"]), labels=entry["label"], prompts=entry["prompt"], top_k=TOP_K
-        )
+        result = self.inputs.attribute(self.file(entry["file"]), entry["label"], entry["prompt"], TOP_K)
         top = [{"id": e["id"], "score": e["score"]} for e in result.top]
         return {"seed": entry["seed"], "top1": top[0]["id"], "top": top, "query_id": result.query_id}
 
@@ -342,10 +336,9 @@ class _Audit:
     # -- stage 4: the report ------------------------------------------------------------------------
 
     def report(self, baseline: torch.Tensor, neighbours: dict[str, torch.Tensor], samples: list[dict]) -> dict:
-        attributor = self.attributor
-        encodings, _ = attributor.encodings()
+        encodings = self.inputs.encodings
         weights = timestep_weights(
-            attributor.timesteps,
+            self.inputs.grid.timesteps,
             num_train_timesteps=self.model.num_train_timesteps,
             max_fraction=self.config.gap_timesteps,
         )
@@ -394,7 +387,7 @@ class _Audit:
             )
         report = {
             "settings": self.config.to_dict(),
-            "timesteps": attributor.timesteps.tolist(),
+            "timesteps": self.inputs.grid.timesteps.tolist(),
             "loss_gap_weights": weights.tolist(),
             "signals": {
                 "score": "loss_gap + replica_weight · log2(1 + replicas)",
@@ -425,7 +418,7 @@ class _Audit:
         entries = []
         for start in tqdm(range(0, len(records), 256), disable=not self.progress, desc="leakage"):
             chunk = records[start : start + 256]
-            pixels = torch.stack([self.attributor._load(r.path) for r in chunk])
+            pixels = torch.stack([self.inputs.load_image(r.path) for r in chunk])
             queries = self.model.encode(pixels.to(self.model.device)).cpu()
             found = nearest_neighbours(queries, flat, k=1)
             distance, top1 = found.distances[:, 0], found.indices[:, 0]
@@ -460,9 +453,7 @@ class _Audit:
 
     def mislabeled(self, baseline: torch.Tensor) -> list[dict]:
         """Loss under every label (same noise as the baseline), one label per saved pass."""
-        attributor = self.attributor
-        encodings, conditions = attributor.encodings()
-        labels = conditions.long()
+        encodings, labels = self.inputs.encodings, self.inputs.conditions.long()
         num_classes = self.model.num_classes
         path = self.file(AUDIT_MISLABELED_LOSSES_FILE)
         if path.is_file():
@@ -482,10 +473,7 @@ class _Audit:
                     encodings[others],
                     torch.full((len(others),), label, dtype=torch.long),
                     [self.ids[i] for i in others.tolist()],
-                    timesteps=attributor.timesteps,
-                    num_draws=attributor.scoring.num_draws,
-                    seed=attributor.scoring.seed,
-                    batch_size=attributor.scoring.batch_size,
+                    self.inputs.grid,
                     progress=self.progress,
                     description=f"under label {label}",
                 )
@@ -517,16 +505,16 @@ class _Audit:
 
 
 def run_audit(
-    attributor: Attributor,
+    inputs: AuditInputs,
     config: AuditConfig,
     *,
-    leakage: str | Path | ImageFolder | None = None,
+    leakage: ImageFolder | None = None,
     mislabeled: bool = False,
 ) -> AuditReport:
     """Runs (or resumes) the audit and writes ``<run-dir>/audit/``; see the module docstring.
 
     Args:
-        attributor: the model, training set and run directory to audit.
+        inputs: the model, training set, baseline and run directory to audit.
         config: audit settings.
         leakage: a test image folder to check for copies of training images.
         mislabeled: rank training images by their mislabel score (class-conditional models).
@@ -535,44 +523,21 @@ def run_audit(
         An :class:`AuditReport`.
 
     Raises:
-        DiffattrError: a saved audit has other settings, ``mislabeled`` on an unconditional model,
-            or a bad test folder.
+        DiffattrError: a saved audit has other settings.
     """
-    if mislabeled and attributor.model.num_classes is None:
-        raise DiffattrError(
-            "--mislabeled needs a class-conditional model (num_class_embeds), and this one is unconditional: "
-            "drop --mislabeled"
-        )
-    if config.sampling_steps > attributor.model.num_train_timesteps:
-        raise DiffattrError(
-            f"--sampling-steps {config.sampling_steps}: must be at most the scheduler's "
-            f"{attributor.model.num_train_timesteps} training timesteps (0: all)"
-        )
-    test = None
-    if leakage is not None:
-        try:
-            test = leakage if isinstance(leakage, ImageFolder) else ImageFolder(leakage)
-        except DiffattrError as error:
-            raise DiffattrError(f"--leakage: {error}") from None
-    if config.samples:
-        # Replicas are attributed after sampling: refuse other attribution settings before it.
-        select_parameters(attributor.model.unet, attributor.attribution.params)
-        attributor.run.check_or_write_config(attributor.run_config(with_attribution=True))
-    audit = _Audit(attributor, config)
-    baseline = attributor.cache()
+    audit = _Audit(inputs, config)
     audit.check_or_write_settings()
     start = time.perf_counter()
-    encodings, _ = attributor.encodings()
-    neighbours = audit.neighbours(encodings)
-    samples = audit.replicas(encodings, neighbours)
-    report = audit.report(baseline, neighbours, samples)
-    leaks = audit.leakage(test, encodings, neighbours) if test is not None else None
-    mislabels = audit.mislabeled(baseline) if mislabeled else None
-    if attributor.progress:
+    neighbours = audit.neighbours(inputs.encodings)
+    samples = audit.replicas(inputs.encodings, neighbours)
+    report = audit.report(inputs.baseline, neighbours, samples)
+    leaks = audit.leakage(leakage, inputs.encodings, neighbours) if leakage is not None else None
+    mislabels = audit.mislabeled(inputs.baseline) if mislabeled else None
+    if inputs.progress:
         tqdm.write(f"audit: {time.perf_counter() - start:.1f}s after the baseline")
     signals = read_tensors(audit.file(AUDIT_SCORES_FILE))
     return AuditReport(
-        ids=attributor.ids,
+        ids=inputs.ids,
         scores=signals["score"],
         signals={name: signals[name] for name in ("loss_gap", "replicas", "copies")},
         ranking=report["ranking"],

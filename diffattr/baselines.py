@@ -1,117 +1,183 @@
-"""The anchors beside Forward-INF: pixel ℓ2, CLIP cosine, TracIn and D-TRAK (``--method``).
+"""The anchors beside Forward-INF (``--method``): one small :class:`Scorer` interface and its registry.
 
-Each scorer featurises the training set once (cached in ``<run-dir>/methods/``, under a file name
-that hashes the settings, so features of one setting are never read for another) and then scores
-any number of queries against it.
+A scorer featurises images (the training set once, then each query) and scores query features
+against training features. It works on tensors only — the model, the run's grid and seed come in
+a :class:`ScorerContext` — so the Attributor, the benchmarks and the tests all call it the same
+way. Adding a baseline is one subclass registered here (plus its test); ``--method`` lists the
+registry. The Attributor caches the training features of a ``cached`` scorer in the run directory
+under a name that hashes :meth:`Scorer.feature_settings`.
+
+Importing this module does not import torch (``diffattr --help`` reads the registry); the scorers
+import their numerics when they run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from .clip import ClipEmbedder, cosine_similarity
-from .config import GRADIENT_METHODS, METHODS, GradientConfig
+from .config import GradientConfig
 from .errors import DiffattrError
-from .gradients import kernel_matrix, projected_gradients
-from .similarity import pixel_similarity
-from .store import read_tensors, write_tensors
 
-METHODS_DIR = "methods"
+if TYPE_CHECKING:
+    import torch
+
+    from .denoisers import Denoiser
+
+SCORERS: dict[str, type[Scorer]] = {}
 
 
-class BaselineScorer:
-    """Scores queries against the training set of an :class:`~diffattr.attributor.Attributor`.
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    """Registers a baseline under ``cls.name`` (a class decorator)."""
+    if cls.name in SCORERS or cls.name == "forward-inf":
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    SCORERS[cls.name] = cls
+    return cls
 
-    Args:
-        attributor: supplies the model, encodings, ids, grid, seed and run directory.
-        method: ``pixel``, ``clip``, ``tracin`` or ``dtrak``.
-        gradient: projection and damping of the gradient methods.
-        clip: the CLIP model, required for ``clip``.
+
+def method_names() -> tuple[str, ...]:
+    """Every ``--method``: diffattr's own, then the registered baselines."""
+    return ("forward-inf", *SCORERS)
+
+
+@dataclass
+class ScorerContext:
+    """What a scorer may use: the model, the run's grid and seed, and the baselines' settings."""
+
+    model: Denoiser
+    timesteps: torch.Tensor
+    seed: int
+    gradient: GradientConfig
+    clip: Any = None  # a diffattr.clip.ClipEmbedder, for the CLIP baseline
+    progress: bool = False
+
+
+class Scorer:
+    """One baseline.
+
+    Class attributes:
+        name: its ``--method`` value.
+        space: ``"pixels"`` (compares images; latent models get the images, not the latents) or
+            ``"encodings"`` (works in the model's own space, under the images' conditions).
+        cached: training features are worth saving in the run directory.
     """
 
-    def __init__(self, attributor, method: str, *, gradient: GradientConfig | None = None, clip=None):
-        if method not in METHODS[1:]:
-            raise DiffattrError(f"--method {method!r}: must be one of {METHODS}")
-        if method == "clip" and not isinstance(clip, ClipEmbedder):
-            raise DiffattrError("--method clip needs --clip-model and --clip-weights (a local open_clip checkpoint)")
-        self.attributor = attributor
-        self.method = method
-        self.gradient = gradient or GradientConfig()
-        self.clip = clip
-        self._features: torch.Tensor | None = None
-        self._kernel: torch.Tensor | None = None
+    name: ClassVar[str]
+    space: ClassVar[str] = "encodings"
+    cached: ClassVar[bool] = True
 
-    @property
-    def in_pixel_space(self) -> bool:
-        """Pixel and CLIP compare images; the gradient methods work in the model's space."""
-        return self.method in ("pixel", "clip")
+    def __init__(self, context: ScorerContext):
+        self.context = context
 
     def settings(self) -> dict:
         """What shapes this method's numbers (besides the run's model, data, grid and seed)."""
-        if self.method == "clip":
-            return {"method": "clip", "clip_model": self.clip.name, "clip_weights": self.clip.weights}
-        if self.method in GRADIENT_METHODS:
-            return {"method": self.method, **self.gradient.to_dict()}
-        return {"method": self.method}
+        return {"method": self.name}
 
-    def train_features(self) -> torch.Tensor:
-        """``(N, ...)`` training-side features, computed once and cached in the run directory."""
-        if self._features is not None:
-            return self._features
-        if self.in_pixel_space and self.attributor.model.is_latent:
-            encodings, conditions = self.attributor.training_images(), None
-        else:
-            encodings, conditions = self.attributor.encodings()
-        if self.method == "pixel":
-            self._features = encodings
-            return encodings
-        settings = {k: v for k, v in self.settings().items() if k != "damping"}  # λ only enters at query time
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        path = self.attributor.run.file(f"{METHODS_DIR}/{self.method}-{digest}.safetensors")
-        if path.is_file():
-            self._features = read_tensors(path)["features"]
-        else:
-            self._features = self._featurise(encodings, conditions, self.attributor.ids, description="training set")
-            write_tensors(path, {"features": self._features}, metadata={"settings": json.dumps(settings)})
-        return self._features
+    def feature_settings(self) -> dict:
+        """What shapes the training features (the cache key); query-time settings left out."""
+        return self.settings()
 
-    def _featurise(self, images, conditions, names, *, description: str) -> torch.Tensor:
-        a = self.attributor
-        if self.method == "pixel":
-            return images
-        if self.method == "clip":
-            return self.clip.embed(images)
+    def featurise(
+        self, images: torch.Tensor, conditions: torch.Tensor | None, names: list[str], *, description: str
+    ) -> torch.Tensor:
+        """``(B, ...)`` features of images (or encodings) with their conditions; ``names`` seed noise."""
+        raise NotImplementedError
+
+    def scores(self, query_features: torch.Tensor, train_features: torch.Tensor) -> torch.Tensor:
+        """``(Q, N)`` scores, higher = more influential."""
+        raise NotImplementedError
+
+
+@register_scorer
+class PixelScorer(Scorer):
+    """−mean squared pixel distance: look-alikes, not influence."""
+
+    name = "pixel"
+    space = "pixels"
+    cached = False  # the features are the images themselves
+
+    def featurise(self, images, conditions, names, *, description):
+        return images
+
+    def scores(self, query_features, train_features):
+        from .similarity import pixel_similarity
+
+        return pixel_similarity(query_features, train_features)
+
+
+@register_scorer
+class ClipScorer(Scorer):
+    """CLIP cosine similarity (open_clip, local weights only)."""
+
+    name = "clip"
+    space = "pixels"
+
+    def __init__(self, context: ScorerContext):
+        from .clip import ClipEmbedder
+
+        if not isinstance(context.clip, ClipEmbedder):
+            raise DiffattrError("--method clip needs --clip-model and --clip-weights (a local open_clip checkpoint)")
+        super().__init__(context)
+
+    def settings(self):
+        clip = self.context.clip
+        return {"method": self.name, "clip_model": clip.name, "clip_weights": clip.weights}
+
+    def featurise(self, images, conditions, names, *, description):
+        return self.context.clip.embed(images)
+
+    def scores(self, query_features, train_features):
+        from .clip import cosine_similarity
+
+        return cosine_similarity(query_features, train_features)
+
+
+@register_scorer
+class TracInScorer(Scorer):
+    """TracIn with one checkpoint: ⟨P∇L(q), P∇L(x)⟩ (see ``gradients.py``)."""
+
+    name = "tracin"
+
+    def settings(self):
+        return {"method": self.name, **self.context.gradient.to_dict()}
+
+    def feature_settings(self):
+        return {k: v for k, v in self.settings().items() if k != "damping"}  # λ only enters at query time
+
+    def featurise(self, images, conditions, names, *, description):
+        from .gradients import projected_gradients
+
+        c = self.context
         return projected_gradients(
-            a.model,
+            c.model,
             images,
             conditions,
             names,
-            method=self.method,
-            timesteps=a.timesteps,
-            seed=a.scoring.seed,
-            config=self.gradient,
-            progress=a.progress,
-            description=f"{self.method} gradients ({description})",
+            method=self.name,
+            timesteps=c.timesteps,
+            seed=c.seed,
+            config=c.gradient,
+            progress=c.progress,
+            description=f"{self.name} gradients ({description})",
         )
 
-    def scores(self, queries: torch.Tensor, conditions: torch.Tensor | None, names: list[str]) -> torch.Tensor:
-        """``(Q, N)`` scores of ``queries`` (encodings ``(Q, C, H, W)``), higher = more influential.
+    def scores(self, query_features, train_features):
+        return query_features @ train_features.T
 
-        Args:
-            conditions: ``(Q, ...)`` query conditions or ``None``.
-            names: one name per query; seeds the query's noise for the gradient methods.
-        """
-        train = self.train_features()
-        if self.method == "pixel":
-            return pixel_similarity(queries, train)
-        query_features = self._featurise(queries, conditions, names, description="queries")
-        if self.method == "clip":
-            return cosine_similarity(query_features, train)
-        if self.method == "tracin":
-            return query_features @ train.T
-        if self._kernel is None:
-            self._kernel = kernel_matrix(train, damping=self.gradient.damping)
-        return query_features @ self._kernel
+
+@register_scorer
+class DTrakScorer(TracInScorer):
+    """D-TRAK: φ = P∇‖ε_θ(x_t, t)‖², score φ_q (ΦᵀΦ + λI)⁻¹ φ_x (see ``gradients.py``)."""
+
+    name = "dtrak"
+
+    def __init__(self, context: ScorerContext):
+        super().__init__(context)
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # (training features, kernel)
+
+    def scores(self, query_features, train_features):
+        from .gradients import kernel_matrix
+
+        if self._kernel is None or self._kernel[0] is not train_features:  # one d×d solve per training set
+            self._kernel = (train_features, kernel_matrix(train_features, damping=self.context.gradient.damping))
+        return query_features @ self._kernel[1]

@@ -7,8 +7,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .audit import AuditConfig
-from .config import METHODS, AttributionConfig, GradientConfig, ScoringConfig, flag_name
+from .baselines import method_names
+from .config import AttributionConfig, AuditConfig, GradientConfig, ScoringConfig, flag_name
 from .errors import DiffattrError
 
 
@@ -62,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     cache = commands.add_parser(
-        "cache", help="encode the training set and compute the baseline losses (once per model)"
+        "cache",
+        help="encode the training set and compute what every query needs: the baseline losses and, for the "
+        "calibrated aggregation, the calibration (once per run directory)",
     )
     _add_common_flags(cache)
+    _add_config_flags(cache, AttributionConfig)
 
     attribute = commands.add_parser("attribute", help="rank the training images by influence on query images")
     _add_common_flags(attribute)
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument(
         "--method",
         default="forward-inf",
-        choices=METHODS,
+        choices=method_names(),
         help="forward-inf (default), or a baseline: pixel ℓ2, clip cosine, tracin, dtrak",
     )
     _add_clip_flags(attribute)
@@ -140,7 +143,7 @@ def _one_for_all(values: list | None):
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "cache":
-        attributor = _attributor(args)
+        attributor = _attributor(args, attribution=_config_from(args, AttributionConfig))
         baseline = attributor.cache()
         print(f"baseline {tuple(baseline.shape)} (images × timesteps) in {attributor.run.path}")
     elif args.command == "attribute":

@@ -1,12 +1,15 @@
 """Options of a run, as validated dataclasses that round-trip through JSON.
 
-Two groups, because they have different lifetimes:
+Groups, because they have different lifetimes:
 
 - :class:`ScoringConfig` shapes the baseline loss matrix (timestep grid, noise draws, seed). It is
   fixed for a run directory: the baseline is computed once and every query reuses it.
 - :class:`AttributionConfig` shapes one query's perturbation and the aggregation of its deltas.
+- :class:`GradientConfig` shapes the TracIn / D-TRAK baselines; :class:`AuditConfig` the audit.
 
-Every field carries a help string; the CLI builds its flags from them.
+Every field carries a help string; the CLI builds its flags from them (``cli.py`` is the only
+place that knows flag syntax beyond :func:`flag_name`). ``to_dict`` / ``from_dict`` round-trip
+every config through JSON. No torch here: ``diffattr --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -16,12 +19,10 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import DiffattrError
+from .scoring import AGGREGATIONS
 
 DIRECTIONS = ("descent", "ascent")
 OPTIMIZERS = ("adam", "sgd")
-AGGREGATIONS = ("calibrated", "loss", "relative", "zscore", "prediction")
-GRADIENT_METHODS = ("tracin", "dtrak")
-METHODS = ("forward-inf", "pixel", "clip", *GRADIENT_METHODS)
 
 
 # Flags that read better than the field names; every other field maps to --field-name.
@@ -48,6 +49,13 @@ class _JSONConfig:
 
     @classmethod
     def from_dict(cls, values: dict):
+        """The config of a ``to_dict`` (e.g. a saved ``config.json`` section), validated again.
+
+        Raises:
+            DiffattrError: not a dict, or it names fields this config does not have.
+        """
+        if not isinstance(values, dict):
+            raise DiffattrError(f"{cls.__name__}: expected a JSON object, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -90,12 +98,7 @@ class AttributionConfig(_JSONConfig):
     )
     lora_rank: int = _field(4, "rank of the fresh adapter of --params lora")
     draws_per_step: int = _field(64, "(timestep, noise) draws of the query per optimizer step")
-    aggregation: str = _field(
-        "calibrated",
-        "calibrated: mean Δ over its usual size under other images' perturbations (R extra passes once "
-        "per run); loss: mean Δ; relative: mean over t of Δ/B; zscore: mean of per-timestep z-scored Δ; "
-        "prediction: mean change of the model's prediction (two forward passes per row)",
-    )
+    aggregation: str = _field("calibrated", "; ".join(f"{a.name}: {a.help}" for a in AGGREGATIONS.values()))
     calibration_images: int = _field(
         16, "R: training images whose perturbations calibrate the `calibrated` aggregation (once per run)"
     )
@@ -103,7 +106,7 @@ class AttributionConfig(_JSONConfig):
     def __post_init__(self):
         _check(self.direction in DIRECTIONS, "direction", self.direction, f"one of {DIRECTIONS}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {OPTIMIZERS}")
-        _check(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {AGGREGATIONS}")
+        _check(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {tuple(AGGREGATIONS)}")
         _check(0 <= self.steps <= 10_000, "steps", self.steps, "between 0 and 10000")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "positive")
         _check(self.draws_per_step >= 1, "draws_per_step", self.draws_per_step, "at least 1")
@@ -129,6 +132,40 @@ class GradientConfig(_JSONConfig):
     def __post_init__(self):
         _check(self.projection_dim >= 1, "projection_dim", self.projection_dim, "at least 1")
         _check(self.damping > 0, "damping", self.damping, "positive (inf for no kernel)")
+
+
+@dataclass(frozen=True)
+class AuditConfig(_JSONConfig):
+    """How the audit looks for memorized training images: samples, replica criterion, combined score."""
+
+    samples: int = _field(0, "G: samples to generate and test for replicas (0: no replication signal)")
+    sample_seed: int = _field(0, "seed of the first sample; sample i uses seed sample_seed + i")
+    sampling_steps: int = _field(0, "denoising steps per sample (0: all of the scheduler's training timesteps)")
+    alpha: float = _field(
+        0.5, "Carlini's α: a sample is a replica of its nearest training image x when closer than α × x's reference"
+    )
+    neighbours: int = _field(50, "n: x's reference is its mean ℓ2 to its n nearest distinct training images")
+    leakage_neighbours: int = _field(
+        5,
+        "n of the --leakage verdict (capped at --neighbours): n = 50 called 20 of 100 genuine 16x16 test digits "
+        "copies, n = 5 none (benchmarks/RESULTS.md)",
+    )
+    copy_tolerance: float = _field(
+        0.02, "RMS pixel difference (pixels in [-1, 1]) up to which two training images are copies of each other"
+    )
+    gap_timesteps: float = _field(1.0, "the loss gap averages grid timesteps below this fraction of T (1: all)")
+    replica_weight: float = _field(2.0, "score added to an image per doubling of the replicas attributed to it")
+
+    def __post_init__(self):
+        _check(0 <= self.samples <= 1_000_000, "samples", self.samples, "between 0 and 1000000")
+        _check(0 <= self.sample_seed < 2**63, "sample_seed", self.sample_seed, "a non-negative integer")
+        _check(self.sampling_steps >= 0, "sampling_steps", self.sampling_steps, "0 (all) or a positive integer")
+        _check(self.alpha > 0, "alpha", self.alpha, "positive")
+        _check(self.neighbours >= 1, "neighbours", self.neighbours, "at least 1")
+        _check(self.leakage_neighbours >= 1, "leakage_neighbours", self.leakage_neighbours, "at least 1")
+        _check(self.copy_tolerance >= 0, "copy_tolerance", self.copy_tolerance, "non-negative")
+        _check(0 < self.gap_timesteps <= 1, "gap_timesteps", self.gap_timesteps, "in (0, 1]")
+        _check(self.replica_weight >= 0, "replica_weight", self.replica_weight, "non-negative")
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

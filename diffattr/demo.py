@@ -12,9 +12,9 @@ from pathlib import Path
 
 from .attributor import Attributor
 from .data import save_image
+from .denoisers import DiffusionModel
 from .errors import DiffattrError
 from .gallery import write_gallery
-from .models import DiffusionModel
 from .sampling import generate
 from .store import read_json
 

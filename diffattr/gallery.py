@@ -34,16 +34,7 @@ from tqdm.auto import tqdm
 from .data import ImageFolder, file_digest, load_image
 from .errors import DiffattrError
 from .files import atomic_write
-from .store import (
-    AUDIT_DIR,
-    AUDIT_REPORT_FILE,
-    BASELINE_FILE,
-    CONFIG_FILE,
-    IDS_FILE,
-    QUERIES_DIR,
-    read_json,
-    read_tensors,
-)
+from .store import AUDIT_REPORT_FILE, CONFIG_FILE, RunDirectory, read_json
 
 DEFAULT_AUDIT_ENTRIES = 50
 THUMB_PX = 128  # training images and replicas
@@ -271,7 +262,7 @@ def _thumbnail(image: Image.Image, box: int) -> Image.Image:
 
 @dataclass
 class _Run:
-    path: Path
+    store: RunDirectory
     config: dict
     ids: list[str] | None
     timesteps: torch.Tensor | None
@@ -302,19 +293,13 @@ def _open_run(run_dir: Path, train: Path | None) -> _Run:
         raise DiffattrError(f"--run-dir {run_dir}: no such folder")
     if not run_dir.is_dir():
         raise DiffattrError(f"--run-dir {run_dir} is not a folder")
-    if not (run_dir / CONFIG_FILE).is_file():
+    store = RunDirectory(run_dir)
+    config = store.load_config()
+    if config is None:
         raise DiffattrError(
             f"--run-dir {run_dir} is not a diffattr run directory (no {CONFIG_FILE}); run `diffattr attribute` first"
         )
-    config = read_json(run_dir / CONFIG_FILE)
-    if not isinstance(config, dict):
-        raise DiffattrError(f"{run_dir / CONFIG_FILE}: expected a JSON object; delete the run directory to recompute")
-    ids = read_json(run_dir / IDS_FILE) if (run_dir / IDS_FILE).is_file() else None
-    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
-        raise DiffattrError(f"{run_dir / IDS_FILE}: expected a list of training ids")
-    timesteps = None
-    if (run_dir / BASELINE_FILE).is_file():
-        timesteps = read_tensors(run_dir / BASELINE_FILE).get("timesteps")
+    ids, timesteps = store.read_ids(), store.read_timesteps()
     if train is not None:
         train_root = Path(train).expanduser().resolve()
         if not train_root.is_dir():
@@ -322,14 +307,7 @@ def _open_run(run_dir: Path, train: Path | None) -> _Run:
     else:
         root = (config.get("data") or {}).get("root") if isinstance(config.get("data"), dict) else None
         train_root = Path(root).resolve() if isinstance(root, str) and Path(root).is_dir() else None
-    return _Run(run_dir, config, ids, timesteps, train_root)
-
-
-def _query_folders(run: _Run) -> list[Path]:
-    folder = run.path / QUERIES_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if (p / "result.json").is_file())
+    return _Run(store, config, ids, timesteps, train_root)
 
 
 def _top_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> list[dict]:
@@ -421,15 +399,12 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _query_page(run: _Run, folder: Path, thumbs: Thumbnails, clip: _ClipSimilarity | None, top_k) -> dict:
-    source = folder / "result.json"
-    result = read_json(source)
-    if not isinstance(result, dict):
-        raise DiffattrError(f"{source}: expected a JSON object; delete the folder to recompute")
+    result, scores = run.store.load_result(folder)
+    source = run.store.result_file(folder)  # named in errors
     query_id = str(result.get("query_id") or folder.name)
-    scores = read_tensors(folder / "scores.safetensors") if (folder / "scores.safetensors").is_file() else {}
     entries = _top_entries(run, result, scores, top_k)
     paths = [run.train_path(e["id"], source=source) if isinstance(e.get("id"), str) else None for e in entries]
-    similarity = clip.similarities(folder / "query.png", paths) if clip is not None else [None] * len(entries)
+    similarity = clip.similarities(run.store.query_image(folder), paths) if clip is not None else [None] * len(entries)
     # Rank of each image by CLIP similarity among the shown ones: where it differs from the
     # influence rank, influence and look-alikes disagree.
     by_look = sorted((i for i, sim in enumerate(similarity) if sim is not None), key=lambda i: -similarity[i])
@@ -464,7 +439,7 @@ def _query_page(run: _Run, folder: Path, thumbs: Thumbnails, clip: _ClipSimilari
         "prompt": result.get("prompt"),
         "label": result.get("label"),
         "method": result.get("method"),
-        "image": thumbs(folder / "query.png", QUERY_PX),
+        "image": thumbs(run.store.query_image(folder), QUERY_PX),
         "top": top,
         "plot": plot,
         "direction": settings.get("direction") if isinstance(settings, dict) else None,
@@ -503,8 +478,8 @@ def _evidence_images(value, run: _Run, folder: Path, source: Path) -> list[tuple
 
 
 def _audit_page(run: _Run, thumbs: Thumbnails, limit: int, progress: bool) -> dict | None:
-    folder = run.path / AUDIT_DIR
-    source = folder / AUDIT_REPORT_FILE
+    folder = run.store.audit_dir
+    source = run.store.audit_file(AUDIT_REPORT_FILE)
     if not source.is_file():
         return None
     report = read_json(source)
@@ -581,7 +556,7 @@ def write_gallery(
     environment = _environment()
     queries = [
         _query_page(run, folder, thumbs, similarity, top_k)
-        for folder in tqdm(_query_folders(run), disable=not progress, desc="gallery pages")
+        for folder in tqdm(run.store.query_folders(), disable=not progress, desc="gallery pages")
     ]
     audit = _audit_page(run, thumbs, audit_entries, progress)
     data = run.config.get("data") if isinstance(run.config.get("data"), dict) else {}

@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import GradientConfig
-from .losses import add_noise, denoising_target, per_sample_mse
-from .models import DiffusionModel
+from .denoisers import Denoiser
+from .losses import denoising_loss
 from .noise import draw_noise, noise_key
 from .perturb import select_parameters
 
@@ -66,8 +66,7 @@ def _projector(num_params: int, dim: int, seed: int, device: torch.device) -> Pr
 
 
 def _scalar_function(
-    model: DiffusionModel,
-    unet: torch.nn.Module,
+    model: Denoiser,
     clean: torch.Tensor,
     condition: torch.Tensor | None,
     noise: torch.Tensor,
@@ -75,17 +74,16 @@ def _scalar_function(
     function: str,
 ) -> torch.Tensor:
     """Mean over the K rows of one image of the loss or the squared output norm."""
-    alpha_bar = model.alphas_cumprod.to(clean.device)[timesteps]
     rows = clean.expand(len(timesteps), *clean.shape)
     conditions = None if condition is None else condition.expand(len(timesteps), *condition.shape)
-    prediction = model.predict(add_noise(rows, noise, alpha_bar), timesteps, conditions, unet=unet)
     if function == "loss":
-        return per_sample_mse(prediction, denoising_target(rows, noise, alpha_bar, model.prediction_type)).mean()
+        return denoising_loss(model, rows, noise, timesteps, conditions).loss.mean()
+    prediction = model.predict(model.add_noise(rows, noise, timesteps), timesteps, conditions)
     return prediction.float().pow(2).flatten(1).mean(1).mean()
 
 
 def projected_gradients(
-    model: DiffusionModel,
+    model: Denoiser,
     images: torch.Tensor,
     conditions: torch.Tensor | None,
     names: list[str],
@@ -110,8 +108,7 @@ def projected_gradients(
     """
     function = _FUNCTIONS[method]
     device = model.device
-    unet = model.unet
-    params = [p for _, p in select_parameters(unet, config.gradient_params)]
+    params = [p for _, p in select_parameters(model, config.gradient_params)]
     num_params = sum(p.numel() for p in params)
     projector = _projector(num_params, config.projection_dim, seed, device)
     grid = timesteps.to(device)
@@ -127,7 +124,7 @@ def projected_gradients(
                     keys = [noise_key(seed, names[i], k, 0) for k in range(len(grid))]
                     noise = draw_noise(keys, images.shape[1:]).to(device)
                     condition = None if conditions is None else conditions[i].to(device)
-                    value = _scalar_function(model, unet, images[i].to(device), condition, noise, grid, function)
+                    value = _scalar_function(model, images[i].to(device), condition, noise, grid, function)
                     grads = torch.autograd.grad(value, params)
                     flat[row] = torch.cat([g.reshape(-1) for g in grads])
                 features[start:stop] = projector(flat[: stop - start]).cpu()

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from .config import ScoringConfig
 from .errors import DiffattrError
 
 
@@ -51,3 +53,31 @@ def draw_noise(keys: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
         generator.manual_seed(key)
         torch.randn(shape, generator=generator, out=out[row])
     return out
+
+
+@dataclass(frozen=True)
+class ScoringGrid:
+    """The common random numbers of a run: the timestep grid, the draws, the seed (and the batch
+    size, which changes nothing but speed). Every forward pass over the training set uses one.
+
+    Attributes:
+        timesteps: ``(K,)`` grid timesteps.
+        num_draws: S noise draws per (image, timestep).
+        seed: run seed.
+        batch_size: rows (image × timestep × draw) per forward pass.
+    """
+
+    timesteps: torch.Tensor
+    num_draws: int
+    seed: int
+    batch_size: int = 256
+
+    @classmethod
+    def of(cls, num_train_timesteps: int, scoring: ScoringConfig) -> ScoringGrid:
+        """The grid of a :class:`ScoringConfig` for a model with ``num_train_timesteps``."""
+        return cls(
+            timestep_grid(num_train_timesteps, scoring.num_timesteps),
+            scoring.num_draws,
+            scoring.seed,
+            scoring.batch_size,
+        )

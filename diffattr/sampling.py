@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .models import DiffusionModel
+from .denoisers import DiffusionModel
 
 
 @torch.inference_mode()

@@ -1,15 +1,78 @@
-"""From loss matrices to one influence score per training image. Pure tensor functions.
+"""From loss matrices to one influence score per training image: the aggregation registry.
 
 Shapes: ``baseline`` B and ``after`` A are ``(N, K)`` losses of N training images at K timesteps,
 before and after the perturbation; ``delta`` is ``A − B``. Scores are ``(N,)`` and always read
 *higher = more influential*: with descent a helpful image's loss drops, with ascent it rises.
+
+Each aggregation is one function registered with :func:`register_aggregation`, which also says
+what the engine must compute for it (the calibration reference, the prediction change); the
+``--aggregation`` choices and help come from this registry. Adding one is one function here.
+
+Pure tensor functions that use tensor methods only: importing this module (as ``--help`` does)
+does not import torch.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """One registered aggregation.
+
+    Attributes:
+        name: its ``--aggregation`` value.
+        function: ``(inputs: AggregationInputs) → (N,)`` scores.
+        help: one line for ``--help``.
+        needs_calibration: needs the per-image calibration reference (R extra passes once per run).
+        needs_prediction_change: needs ``‖ε_θ′ − ε_θ‖²`` (a second forward pass per row).
+    """
+
+    name: str
+    function: Callable[[AggregationInputs], torch.Tensor]
+    help: str
+    needs_calibration: bool = False
+    needs_prediction_change: bool = False
+
+
+@dataclass(frozen=True)
+class AggregationInputs:
+    """What an aggregation may read: B, A, the direction and the optional extras."""
+
+    baseline: torch.Tensor
+    after: torch.Tensor
+    direction: str
+    change: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.after - self.baseline
+
+
+AGGREGATIONS: dict[str, Aggregation] = {}
+
+
+def register_aggregation(
+    name: str, *, help: str, needs_calibration: bool = False, needs_prediction_change: bool = False
+):
+    """Registers ``function(inputs) → (N,)`` as the aggregation ``name`` (a decorator)."""
+
+    def register(function):
+        if name in AGGREGATIONS:
+            raise ValueError(f"aggregation {name!r} is registered twice")
+        AGGREGATIONS[name] = Aggregation(name, function, help, needs_calibration, needs_prediction_change)
+        return function
+
+    return register
 
 
 def direction_sign(direction: str) -> float:
@@ -31,13 +94,13 @@ def relative_delta(delta: torch.Tensor, baseline: torch.Tensor, *, direction: st
 def zscore_delta(delta: torch.Tensor, *, direction: str) -> torch.Tensor:
     """Signed mean over timesteps of Δ z-scored within each timestep (column). ``(N, K) → (N,)``."""
     centred = delta - delta.mean(0, keepdim=True)
-    scale = delta.std(0, keepdim=True) if delta.shape[0] > 1 else torch.ones_like(centred[:1])
+    scale = delta.std(0, keepdim=True) if delta.shape[0] > 1 else centred[:1].new_ones(centred[:1].shape)
     return direction_sign(direction) * (centred / scale.clamp_min(_EPS)).mean(1)
 
 
 def calibrated_delta(delta: torch.Tensor, reference: torch.Tensor, *, direction: str) -> torch.Tensor:
     """Signed mean Δ of each image divided by how much its mean loss typically moves when the model
-    is perturbed on *some other* image (``reference``, from ``calibration.py``). ``(N, K), (N,) → (N,)``.
+    is perturbed on *some other* image (``reference``, from the engine's calibration). ``(N, K), (N,) → (N,)``.
 
     Memorized images (tiny losses) and fragile ones move under any perturbation; dividing by their
     usual response keeps them from topping every query, and lets a small but unusual change count.
@@ -50,6 +113,43 @@ def prediction_change(change: torch.Tensor, baseline: torch.Tensor) -> torch.Ten
     return (change / baseline.clamp_min(_EPS)).mean(1)
 
 
+@register_aggregation(
+    "calibrated",
+    help="mean Δ over its usual size under other images' perturbations (R extra passes once per run)",
+    needs_calibration=True,
+)
+def _calibrated(inputs: AggregationInputs) -> torch.Tensor:
+    if inputs.reference is None:
+        raise ValueError("the `calibrated` aggregation needs the calibration reference")
+    return calibrated_delta(inputs.delta, inputs.reference, direction=inputs.direction)
+
+
+@register_aggregation("loss", help="mean Δ")
+def _loss(inputs: AggregationInputs) -> torch.Tensor:
+    return mean_delta(inputs.delta, direction=inputs.direction)
+
+
+@register_aggregation("relative", help="mean over t of Δ/B")
+def _relative(inputs: AggregationInputs) -> torch.Tensor:
+    return relative_delta(inputs.delta, inputs.baseline, direction=inputs.direction)
+
+
+@register_aggregation("zscore", help="mean of per-timestep z-scored Δ")
+def _zscore(inputs: AggregationInputs) -> torch.Tensor:
+    return zscore_delta(inputs.delta, direction=inputs.direction)
+
+
+@register_aggregation(
+    "prediction",
+    help="mean change of the model's prediction (two forward passes per row)",
+    needs_prediction_change=True,
+)
+def _prediction(inputs: AggregationInputs) -> torch.Tensor:
+    if inputs.change is None:
+        raise ValueError("the `prediction` aggregation needs the prediction change matrix")
+    return prediction_change(inputs.change, inputs.baseline)
+
+
 def aggregate(
     aggregation: str,
     *,
@@ -59,26 +159,17 @@ def aggregate(
     change: torch.Tensor | None = None,
     reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatches to one of the aggregations above by name. ``(N, K) → (N,)``."""
-    delta = after - baseline
-    if aggregation == "relative":
-        return relative_delta(delta, baseline, direction=direction)
-    if aggregation == "loss":
-        return mean_delta(delta, direction=direction)
-    if aggregation == "zscore":
-        return zscore_delta(delta, direction=direction)
-    if aggregation == "calibrated":
-        if reference is None:
-            raise ValueError("the `calibrated` aggregation needs the calibration reference")
-        return calibrated_delta(delta, reference, direction=direction)
-    if aggregation == "prediction":
-        if change is None:
-            raise ValueError("the `prediction` aggregation needs the prediction change matrix")
-        return prediction_change(change, baseline)
-    raise ValueError(f"unknown aggregation {aggregation!r}")
+    """The registered aggregation ``aggregation`` of one query's matrices. ``(N, K) → (N,)``."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; registered: {sorted(AGGREGATIONS)}")
+    inputs = AggregationInputs(baseline, after, direction, change, reference)
+    return AGGREGATIONS[aggregation].function(inputs)
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest scores and their indices, ties broken by the lower index (stable)."""
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    """The ``min(k, N)`` largest scores and their indices, ties broken by the lower index (stable).
+
+    A k above N lists every image: ``--top-k`` is how many to *show*, at most all of them.
+    """
+    order = scores.sort(descending=True, stable=True).indices[:k]
     return scores[order], order

@@ -9,15 +9,15 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .losses import add_noise, denoising_target
-from .models import run_unet
+from .denoisers import Denoiser
+from .losses import denoising_loss
 
 
 def train_denoiser(
-    unet: torch.nn.Module,
-    scheduler,
+    model: Denoiser,
     images: torch.Tensor,
     *,
+    network: torch.nn.Module | None = None,
     labels: torch.Tensor | None = None,
     parameters: list[torch.nn.Parameter] | None = None,
     steps: int,
@@ -28,11 +28,12 @@ def train_denoiser(
     progress: bool = True,
     description: str = "training",
 ) -> list[float]:
-    """Trains ``unet`` in place on the denoising loss of ``images`` (one-cycle AdamW, clipped).
+    """Trains a network in place on the denoising loss of ``images`` (one-cycle AdamW, clipped).
 
     Args:
-        unet: a diffusers UNet2DModel, or a UNet2DConditionModel of a latent text-to-image model.
-        scheduler: its noise schedule (``alphas_cumprod``, ``config.prediction_type``).
+        model: the model family (forward process, target); ``denoisers.in_memory`` wraps a bare
+            network and scheduler.
+        network: the network that trains (default: the model's own; e.g. a copy being fine-tuned).
         images: ``(N, C, H, W)`` training images in [-1, 1], or their latents.
         labels: ``(N,)`` class labels, ``(N, L, D)`` caption hidden states, or ``None``.
         parameters: the parameters that train (default: all; e.g. a LoRA adapter's).
@@ -43,29 +44,25 @@ def train_denoiser(
         The training loss of every step.
     """
     generator = torch.Generator().manual_seed(seed)
-    parameters = list(unet.parameters()) if parameters is None else parameters
+    network = model.network if network is None else network
+    parameters = list(network.parameters()) if parameters is None else parameters
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=warmup)
-    alphas = scheduler.alphas_cumprod
-    prediction_type = scheduler.config.prediction_type
-    device = next(unet.parameters()).device
-    unet.train()
+    device = next(network.parameters()).device
+    network.train()
     history = []
     for _ in tqdm(range(steps), disable=not progress, desc=description):
         index = torch.randint(len(images), (batch_size,), generator=generator)
-        t = torch.randint(0, len(alphas), (batch_size,), generator=generator)
+        t = torch.randint(0, model.num_train_timesteps, (batch_size,), generator=generator)
         noise = torch.randn((batch_size, *images.shape[1:]), generator=generator)
-        clean, alpha_bar = images[index], alphas[t]
-        noisy = add_noise(clean, noise, alpha_bar)
-        target = denoising_target(clean, noise, alpha_bar, prediction_type)
         conditions = None if labels is None else labels[index].to(device)
-        prediction = run_unet(unet, noisy.to(device), t.to(device), conditions)
-        loss = torch.nn.functional.mse_loss(prediction, target.to(device))
+        clean = images[index].to(device)
+        loss = denoising_loss(model, clean, noise.to(device), t.to(device), conditions, network=network).loss.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         history.append(loss.item())
-    unet.eval()
+    network.eval()
     return history

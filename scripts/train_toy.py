@@ -14,6 +14,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffattr.data import ImageFolder, load_image
+from diffattr.denoisers import in_memory
 from diffattr.training import train_denoiser
 
 
@@ -56,8 +57,7 @@ def main(args):
     )
     start = time.time()
     losses = train_denoiser(
-        unet,
-        scheduler,
+        in_memory(unet, scheduler),
         images,
         labels=labels if args.class_conditional else None,
         steps=args.steps,

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffattr import AttributionConfig, Attributor, DiffattrError, DiffusionModel, ScoringConfig
+from diffattr.engine import Engine
 
 from .conftest import make_tiny_model
 
@@ -133,12 +134,40 @@ def test_bare_unet_folder_with_a_scheduler_folder(tmp_path, tiny_model, tiny_dat
 
 
 def test_calibration_is_computed_once_per_run_directory(tmp_path, tiny_model, tiny_data, monkeypatch):
-    import diffattr.attributor as module
-
     calls = []
-    original = module.calibration_reference
-    monkeypatch.setattr(module, "calibration_reference", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = Engine.calibration
+    monkeypatch.setattr(Engine, "calibration", lambda *a, **k: calls.append(1) or original(*a, **k))
     config = AttributionConfig(steps=1, draws_per_step=4, aggregation="calibrated", calibration_images=3)
     for query in ("a/img_000.png", "b/img_001.png"):
         Attributor(tiny_model, tiny_data, tmp_path, attribution=config, progress=False).attribute(tiny_data / query)
     assert len(calls) == 1 and (tmp_path / "calibration.safetensors").is_file()
+
+
+def test_cache_computes_everything_a_query_needs(tmp_path, tiny_model, tiny_data, monkeypatch):
+    config = AttributionConfig(steps=1, draws_per_step=4, aggregation="calibrated", calibration_images=3)
+    attributor = Attributor(tiny_model, tiny_data, tmp_path, attribution=config, progress=False)
+    attributor.cache()
+    assert (tmp_path / "calibration.safetensors").is_file()
+    calls = []
+    original = Engine.respond
+    monkeypatch.setattr(Engine, "respond", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(Engine, "baseline", lambda *a, **k: pytest.fail("the baseline was recomputed"))
+    fresh = Attributor(tiny_model, tiny_data, tmp_path, attribution=config, progress=False)
+    fresh.attribute(tiny_data / "a/img_000.png")
+    assert len(calls) == 1  # the query's own perturbation and pass, nothing else
+
+
+def test_a_calibration_serves_only_its_own_attribution_settings(tmp_path, tiny_model, tiny_data):
+    cached = AttributionConfig(steps=1, draws_per_step=4, calibration_images=3)
+    Attributor(tiny_model, tiny_data, tmp_path, attribution=cached, progress=False).cache()
+    assert "attribution" not in json.loads((tmp_path / "config.json").read_text())  # a query records it
+    other = AttributionConfig(steps=2, draws_per_step=4, calibration_images=3)
+    later = Attributor(tiny_model, tiny_data, tmp_path, attribution=other, progress=False)
+    (result,) = later.attribute(tiny_data / "a/img_000.png")
+    fresh = Attributor(tiny_model, tiny_data, tmp_path / "fresh", attribution=other, progress=False)
+    assert torch.equal(result.scores, fresh.attribute(tiny_data / "a/img_000.png")[0].scores)
+
+
+def test_top_k_above_the_training_set_lists_every_image(tmp_path, tiny_model, tiny_data):
+    (result,) = _attributor(tiny_model, tiny_data, tmp_path).attribute(tiny_data / "a" / "img_000.png", top_k=50)
+    assert len(result.top) == 12 and [e["rank"] for e in result.top] == list(range(1, 13))

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from diffattr import AttributionConfig, Attributor, AuditConfig, DiffattrError, DiffusionModel, ScoringConfig
 from diffattr.cli import main
 from diffattr.demo import toy_paths
+from diffattr.engine import Engine
 from diffattr.memorization import (
     auc,
     carlini_ratio,
@@ -150,7 +151,7 @@ def test_audit_writes_the_report_and_resumes(tmp_path, tiny_model, tiny_data, mo
     # A rerun with the same settings recomputes nothing expensive.
     monkeypatch.setattr("diffattr.audit.generate", lambda *a, **k: pytest.fail("samples were redrawn"))
     monkeypatch.setattr(Attributor, "attribute", lambda *a, **k: pytest.fail("replicas were re-attributed"))
-    monkeypatch.setattr(Attributor, "score_training_set", lambda *a, **k: pytest.fail("baseline recomputed"))
+    monkeypatch.setattr(Engine, "losses", lambda *a, **k: pytest.fail("a pass over the training set was redone"))
     again = _attributor(tiny_model, tiny_data, tmp_path).audit(TINY_AUDIT)
     assert torch.equal(again.scores, report.scores) and again.ranking == report.ranking
     with pytest.raises(DiffattrError, match=r"audit.alpha: 100.0 → 0.5.*delete .*audit"):

@@ -5,24 +5,10 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 
 from diffattr import Attributor, DiffusionModel, ImageFolder, ScoringConfig
-from diffattr.losses import add_noise, denoising_target, loss_matrix
-from diffattr.noise import timestep_grid
-
-
-def test_forward_process_and_targets_match_diffusers():
-    scheduler = DDPMScheduler(num_train_timesteps=100)
-    clean, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
-    t = torch.tensor([0, 10, 50, 99])
-    alpha_bar = scheduler.alphas_cumprod[t]
-    assert torch.allclose(add_noise(clean, noise, alpha_bar), scheduler.add_noise(clean, noise, t), atol=1e-6)
-    assert torch.allclose(
-        denoising_target(clean, noise, alpha_bar, "v_prediction"), scheduler.get_velocity(clean, noise, t), atol=1e-6
-    )
-    assert denoising_target(clean, noise, alpha_bar, "epsilon") is noise
-    assert denoising_target(clean, noise, alpha_bar, "sample") is clean
+from diffattr.losses import denoising_loss, loss_matrix
+from diffattr.noise import ScoringGrid, draw_noise, noise_key, timestep_grid
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +19,31 @@ def setup(tiny_model, tiny_data):
     return model, encodings, attributor.ids
 
 
+def _grid(model, batch_size, draws=2):
+    return ScoringGrid(timestep_grid(model.num_train_timesteps, 5), num_draws=draws, seed=3, batch_size=batch_size)
+
+
 def _baseline(model, encodings, ids, batch_size, draws=2):
-    grid = timestep_grid(model.num_train_timesteps, 5)
-    return loss_matrix(
-        model, encodings, None, ids, timesteps=grid, num_draws=draws, seed=3, batch_size=batch_size, progress=False
-    ).losses
+    return loss_matrix(model, encodings, None, ids, _grid(model, batch_size, draws), progress=False).losses
+
+
+def test_a_row_range_is_the_same_rows_of_the_full_matrix(setup):
+    model, encodings, ids = setup
+    full = _baseline(model, encodings, ids, batch_size=7)
+    grid = _grid(model, batch_size=5)
+    part = loss_matrix(model, encodings, None, ids, grid, images=range(3, 8), progress=False).losses
+    assert part.shape == (5, 5)
+    assert torch.allclose(part, full[3:8], rtol=1e-5, atol=1e-7)
+
+
+def test_each_row_is_the_denoising_loss_of_its_own_noise(setup):
+    model, encodings, ids = setup
+    grid = _grid(model, batch_size=16, draws=1)
+    matrix = loss_matrix(model, encodings, None, ids, grid, progress=False).losses
+    i, k = 4, 2
+    noise = draw_noise([noise_key(3, ids[i], k, 0)], encodings.shape[1:])
+    expected = denoising_loss(model, encodings[i : i + 1], noise, grid.timesteps[k : k + 1], None).loss
+    assert torch.allclose(matrix[i, k], expected[0], rtol=1e-5)
 
 
 def test_baseline_is_independent_of_batch_size(setup):
@@ -68,15 +74,15 @@ def test_baseline_of_a_subset_folder_matches_the_full_one(tmp_path, tiny_model, 
     part = Attributor(tiny_model, subset, tmp_path / "part", scoring=scoring, device="cpu", progress=False)
     rows = [full.ids.index(image_id) for image_id in part.ids]
     assert len(rows) == len(ImageFolder(subset)) == 9
-    assert torch.allclose(part.cache(), full.cache()[rows], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(part.baseline(), full.baseline()[rows], rtol=1e-5, atol=1e-7)
 
 
 def test_encodings_and_baseline_are_cached(tmp_path, tiny_model, tiny_data):
     scoring = ScoringConfig(num_timesteps=3)
     first = Attributor(tiny_model, tiny_data, tmp_path / "run", scoring=scoring, device="cpu", progress=False)
-    baseline = first.cache()
+    baseline = first.baseline()
     assert baseline.shape == (12, 3)
     saved = (tmp_path / "run" / "baseline.safetensors").stat().st_mtime_ns
     second = Attributor(tiny_model, tiny_data, tmp_path / "run", scoring=scoring, device="cpu", progress=False)
-    assert torch.equal(second.cache(), baseline)
+    assert torch.equal(second.baseline(), baseline)
     assert (tmp_path / "run" / "baseline.safetensors").stat().st_mtime_ns == saved

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from diffattr.calibration import calibration_indices
+from diffattr.engine import calibration_indices
 from diffattr.scoring import (
+    AGGREGATIONS,
     aggregate,
     calibrated_delta,
     mean_delta,
@@ -74,3 +75,19 @@ def test_top_k_is_stable_on_ties():
     values, indices = top_k(torch.tensor([0.1, 0.5, 0.5, 0.2]), 3)
     assert indices.tolist() == [1, 2, 3]
     assert values.tolist() == pytest.approx([0.5, 0.5, 0.2])
+
+
+def test_every_aggregation_is_a_config_choice_with_its_help():
+    from diffattr import AttributionConfig
+    from diffattr.config import flag_name
+
+    help_text = next(f for f in AttributionConfig.__dataclass_fields__.values() if f.name == "aggregation")
+    for name, entry in AGGREGATIONS.items():
+        assert AttributionConfig(aggregation=name).aggregation == name
+        assert f"{name}: {entry.help}" in help_text.metadata["help"]
+    assert flag_name("aggregation") == "--aggregation"
+
+
+def test_top_k_above_n_lists_every_image():
+    values, indices = top_k(torch.tensor([0.1, 0.5]), 10)
+    assert indices.tolist() == [1, 0] and len(values) == 2

@@ -86,7 +86,7 @@ def test_prompts_condition_the_model(sd_model):
 
 def test_a_lora_adapter_is_fused_exactly(sd_model, lora_model):
     assert lora_model.fingerprint != sd_model.fingerprint
-    assert not any("lora" in name for name, _ in lora_model.unet.named_parameters())
+    assert not any("lora" in name for name, _ in lora_model.network.named_parameters())
     pipeline = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
     pipeline.load_lora_weights(LORA)
     noisy, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([100, 700])
@@ -105,7 +105,7 @@ def test_a_lora_adapter_is_fused_exactly(sd_model, lora_model):
 def test_perturbation_choices_move_only_their_parameters(sd_model, params, moved):
     import re
 
-    before = {name: p.clone() for name, p in sd_model.unet.named_parameters()}
+    before = {name: p.clone() for name, p in sd_model.network.named_parameters()}
     query = sd_model.encode(torch.zeros(1, 3, 16, 16))[0]
     condition = sd_model.conditions(["q"], prompts=[SKS])
     config = AttributionConfig(params=params, steps=2, learning_rate=1e-2, draws_per_step=4)
@@ -115,9 +115,11 @@ def test_perturbation_choices_move_only_their_parameters(sd_model, params, moved
         name for name, p in copy.named_parameters() if original[name] is None or not torch.equal(p, original[name])
     ]
     assert changed and all(re.search(moved, name) for name in changed)
-    assert all(torch.equal(p, before[name]) for name, p in sd_model.unet.named_parameters())  # model untouched
+    assert all(torch.equal(p, before[name]) for name, p in sd_model.network.named_parameters())  # model untouched
     noisy, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
-    assert not torch.allclose(sd_model.predict(noisy, t, condition, unet=copy), sd_model.predict(noisy, t, condition))
+    assert not torch.allclose(
+        sd_model.predict(noisy, t, condition, network=copy), sd_model.predict(noisy, t, condition)
+    )
 
 
 def test_a_training_image_with_its_caption_is_attributed_to_itself(sd_model, captioned, tmp_path):

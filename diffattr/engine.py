@@ -1,0 +1,238 @@
+"""Forward-INF in memory: the baseline pass, the calibration, and the one perturb-then-score loop.
+
+An :class:`Engine` holds one model, one training set (encodings, conditions, ids) and the run's
+:class:`~diffattr.noise.ScoringGrid`. Everything that scores training images goes through it:
+
+- :meth:`Engine.baseline`: B, ``(N, K)``, the unperturbed model's losses;
+- :meth:`Engine.respond`: perturb a copy of the network on one image, then score every training
+  image with the same noise — *the* loop, used by queries, by the calibration and by the
+  evaluation protocols alike;
+- :meth:`Engine.calibration`: each training image's usual response to other images'
+  perturbations (for the ``calibrated`` aggregation);
+- :meth:`Engine.score`: one query's scores under an aggregation.
+
+No files here: the Attributor stores what the engine computes (``store.py``), the benchmarks keep
+it in memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import AttributionConfig
+from .denoisers import Denoiser
+from .losses import LossMatrix, loss_matrix
+from .noise import ScoringGrid, noise_key
+from .perturb import perturbed_copy
+from .scoring import AGGREGATIONS, aggregate
+
+
+@dataclass
+class TrainingSet:
+    """Encodings ``(N, C, H, W)`` (a tensor or a sharded one), conditions ``(N, ...)`` or ``None``,
+    and the ids that seed each image's noise."""
+
+    encodings: torch.Tensor
+    conditions: torch.Tensor | None
+    ids: list[str]
+
+
+@dataclass
+class Queries:
+    """Encodings ``(Q, C, H, W)``, conditions ``(Q, ...)`` or ``None``, and one name per query (it
+    seeds the query's perturbation)."""
+
+    encodings: torch.Tensor
+    conditions: torch.Tensor | None
+    names: list[str]
+
+    def condition(self, q: int) -> torch.Tensor | None:
+        return None if self.conditions is None else self.conditions[q : q + 1]
+
+
+@dataclass
+class Response:
+    """What one perturbation did to the training set.
+
+    Attributes:
+        after: A (and the prediction change, when asked for) on the run's grid and noise.
+        query_losses: the query's own loss before each optimizer step.
+        timings: ``perturb_seconds`` and ``score_seconds``.
+    """
+
+    after: LossMatrix
+    query_losses: list[float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def calibration_indices(num_images: int, count: int) -> list[int]:
+    """``min(count, N)`` indices spread evenly over ``[0, N)`` (R above N uses every image once)."""
+    count = min(count, num_images)
+    return [(2 * j + 1) * num_images // (2 * count) for j in range(count)]
+
+
+class Engine:
+    """Forward-INF over one model and training set.
+
+    Args:
+        model: the model.
+        train: the training set in the model's space.
+        grid: the run's timesteps, draws, seed and batch size.
+        progress: show progress bars on the passes a user waits for.
+    """
+
+    def __init__(self, model: Denoiser, train: TrainingSet, grid: ScoringGrid, *, progress: bool = False):
+        self.model = model
+        self.train = train
+        self.grid = grid
+        self.progress = progress
+
+    @property
+    def ids(self) -> list[str]:
+        return self.train.ids
+
+    def losses(
+        self,
+        *,
+        network: torch.nn.Module | None = None,
+        reference_network: torch.nn.Module | None = None,
+        images: range | None = None,
+        progress: bool | None = None,
+        description: str = "scoring",
+    ) -> LossMatrix:
+        """One forward pass over the training set (or its rows ``images``) on the run's grid and noise."""
+        return loss_matrix(
+            self.model,
+            self.train.encodings,
+            self.train.conditions,
+            self.ids,
+            self.grid,
+            images=images,
+            network=network,
+            reference_network=reference_network,
+            progress=self.progress if progress is None else progress,
+            description=description,
+        )
+
+    def baseline(self) -> torch.Tensor:
+        """B: ``(N, K)`` losses of the unperturbed model."""
+        return self.losses(description="baseline").losses
+
+    def respond(
+        self,
+        encoding: torch.Tensor,
+        condition: torch.Tensor | None,
+        name: str,
+        config: AttributionConfig,
+        *,
+        progress: bool = False,
+        description: str = "scoring",
+        with_prediction_change: bool | None = None,
+    ) -> Response:
+        """Perturbs a copy of the network on one image, then scores every training image with it.
+
+        Args:
+            encoding: ``(C, H, W)`` the image in the model's space.
+            condition: ``(1, ...)`` its condition, or ``None``.
+            name: seeds the perturbation's (timestep, noise) draws: the same name, the same copy.
+            config: the perturbation, and the aggregation (whether the prediction change is needed).
+            progress: show the perturbation's and the pass's progress bars.
+            with_prediction_change: also measure ``‖ε_θ′ − ε_θ‖²`` (default: when the config's
+                aggregation needs it).
+        """
+        start = time.perf_counter()
+        network, query_losses = perturbed_copy(
+            self.model, encoding, condition, config, seed=noise_key(self.grid.seed, name), progress=progress
+        )
+        perturb_seconds = time.perf_counter() - start
+        needs_change = with_prediction_change
+        if needs_change is None:
+            needs_change = AGGREGATIONS[config.aggregation].needs_prediction_change
+        after = self.losses(
+            network=network,
+            reference_network=self.model.network if needs_change else None,
+            progress=progress,
+            description=description,
+        )
+        timings = {"perturb_seconds": perturb_seconds, "score_seconds": time.perf_counter() - start - perturb_seconds}
+        return Response(after, query_losses, timings)
+
+    def calibration(self, config: AttributionConfig, baseline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each image's usual response, for the ``calibrated`` aggregation.
+
+        R training images, spread evenly over the sorted ids, each play the query once, perturbed
+        exactly as a real query. An image's *reference* is the median over the R perturbations of
+        its absolute mean loss change — how much it moves when the model is pushed on something
+        else (the median ignores the one perturbation made on the image itself).
+
+        Returns:
+            ``(N,)`` reference and the ``(R,)`` indices of the calibration images.
+        """
+        indices = calibration_indices(len(self.ids), config.calibration_images)
+        responses = []
+        for index in tqdm(indices, disable=not self.progress, desc="calibration"):
+            condition = None if self.train.conditions is None else self.train.conditions[index : index + 1]
+            encoding = self.train.encodings[index]
+            after = self.respond(encoding, condition, "calibration:" + self.ids[index], config).after.losses
+            responses.append((after - baseline).mean(1).abs())
+        return torch.stack(responses).median(0).values, torch.tensor(indices)
+
+    @staticmethod
+    def score(
+        response: Response,
+        baseline: torch.Tensor,
+        config: AttributionConfig,
+        *,
+        aggregation: str | None = None,
+        reference: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(N,)`` scores of one response under ``aggregation`` (default: the config's)."""
+        return aggregate(
+            aggregation or config.aggregation,
+            baseline=baseline,
+            after=response.after.losses,
+            direction=config.direction,
+            change=response.after.prediction_change,
+            reference=reference,
+        )
+
+    def query_scores(
+        self,
+        queries: Queries,
+        config: AttributionConfig,
+        *,
+        baseline: torch.Tensor,
+        aggregations: Iterable[str] = ("calibrated", "loss", "zscore", "relative"),
+        reference: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Scores of many queries under several aggregations, one perturbation and pass per query.
+
+        Args:
+            baseline: ``(N, K)`` from :meth:`baseline`.
+            aggregations: registered names; the calibration is computed here when one needs it
+                and ``reference`` is not given.
+
+        Returns:
+            ``{aggregation: (Q, N) scores}``.
+        """
+        aggregations = list(aggregations)
+        if reference is None and any(AGGREGATIONS[name].needs_calibration for name in aggregations):
+            reference, _ = self.calibration(config, baseline)
+        needs_change = any(AGGREGATIONS[name].needs_prediction_change for name in aggregations)
+        out = {name: torch.empty(len(queries.names), len(self.ids)) for name in aggregations}
+        for q in tqdm(range(len(queries.names)), disable=not self.progress, desc="forward-inf queries"):
+            response = self.respond(
+                queries.encodings[q],
+                queries.condition(q),
+                "perturb:" + queries.names[q],
+                config,
+                with_prediction_change=needs_change,
+            )
+            for name in aggregations:
+                out[name][q] = self.score(response, baseline, config, aggregation=name, reference=reference)
+        return out
