@@ -164,12 +164,14 @@ class Attributor:
         self.progress = progress
         self.grid = ScoringGrid.of(model.num_train_timesteps, self.scoring)
         self._fingerprint: str | None = None  # of the training data, hashed once
-        self._checked: set[bool] = set()  # run-config checks passed: with / without the attribution section
+        # The run-config check passed so far: None (not yet), False (without the attribution section), True (with).
+        self._checked_attribution: bool | None = None
         self._engine: Engine | None = None
         self._loaded: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._baseline: torch.Tensor | None = None
         self._reference: torch.Tensor | None = None
         self._scorers: dict[str, Scorer] = {}
+        self._train_features: dict[str, torch.Tensor] = {}  # per method, as read or computed
 
     @property
     def ids(self) -> list[str]:
@@ -207,13 +209,13 @@ class Attributor:
 
     def _open_run(self, *, with_attribution: bool) -> None:
         """The one settings check of this object's run directory (and its ids), done once."""
-        if with_attribution in self._checked or True in self._checked:
+        if self._checked_attribution is True or self._checked_attribution == with_attribution:
             return
         if with_attribution:
             select_parameters(self.model, self.attribution.params)  # a bad --params fails before any pass
         self.run.check_or_write_config(self.run_config(with_attribution=with_attribution))
         self.run.check_or_write_ids(self.ids)
-        self._checked.add(with_attribution)
+        self._checked_attribution = with_attribution
 
     # -- cache: encodings, baseline, calibration — once per run directory -----------------------
 
@@ -224,7 +226,8 @@ class Attributor:
         latents and caption embeddings of latent text-to-image models), then read one shard at
         a time: memory does not grow with the training set.
         """
-        return self.engine().train.encodings, self.engine().train.conditions
+        train = self.engine().train
+        return train.encodings, train.conditions
 
     def engine(self) -> Engine:
         """The engine over this model, the training set's (streamed) encodings and the run's grid."""
@@ -420,7 +423,7 @@ class Attributor:
 
     def train_features(self, scorer: Scorer) -> torch.Tensor:
         """``(N, ...)`` training features of a baseline, computed once and kept in the run directory."""
-        if not hasattr(scorer, "_train_features"):
+        if scorer.name not in self._train_features:
             self._open_run(with_attribution=False)
             in_pixels = scorer.space == "pixels" and self.model.is_latent
             images, conditions = (self.training_images(), None) if in_pixels else self.encodings()
@@ -430,8 +433,8 @@ class Attributor:
                 features = scorer.featurise(images, conditions, self.ids, description="training set")
                 if scorer.cached:
                     self.run.write_features(scorer.name, settings, features)
-            scorer._train_features = features
-        return scorer._train_features
+            self._train_features[scorer.name] = features
+        return self._train_features[scorer.name]
 
     def _attribute_baseline(self, method: str, queries: list[_Query], k: int) -> list[AttributionResult]:
         scorer = self.scorer(method)

@@ -24,11 +24,11 @@ import diffusers
 import torch
 
 from .data import file_digest
-from .denoisers import DENOISERS, PREDICTION_TYPES, Denoiser, family_of
+from .denoisers import DENOISERS, PREDICTION_TYPES, Denoiser, LatentTextUNet, family_of
 from .errors import DiffattrError
 
 # Component folders a pipeline may hold besides the network, and the classes they may be.
-TEXT_TO_IMAGE_COMPONENTS = ("vae", "text_encoder", "tokenizer")
+TEXT_TO_IMAGE_COMPONENTS = LatentTextUNet.components
 _COMPONENT_CLASSES = {"vae": ("AutoencoderKL",)}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 

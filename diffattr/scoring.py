@@ -119,8 +119,6 @@ def prediction_change(change: torch.Tensor, baseline: torch.Tensor) -> torch.Ten
     needs_calibration=True,
 )
 def _calibrated(inputs: AggregationInputs) -> torch.Tensor:
-    if inputs.reference is None:
-        raise ValueError("the `calibrated` aggregation needs the calibration reference")
     return calibrated_delta(inputs.delta, inputs.reference, direction=inputs.direction)
 
 
@@ -145,8 +143,6 @@ def _zscore(inputs: AggregationInputs) -> torch.Tensor:
     needs_prediction_change=True,
 )
 def _prediction(inputs: AggregationInputs) -> torch.Tensor:
-    if inputs.change is None:
-        raise ValueError("the `prediction` aggregation needs the prediction change matrix")
     return prediction_change(inputs.change, inputs.baseline)
 
 
@@ -162,8 +158,12 @@ def aggregate(
     """The registered aggregation ``aggregation`` of one query's matrices. ``(N, K) → (N,)``."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; registered: {sorted(AGGREGATIONS)}")
-    inputs = AggregationInputs(baseline, after, direction, change, reference)
-    return AGGREGATIONS[aggregation].function(inputs)
+    entry = AGGREGATIONS[aggregation]
+    if entry.needs_calibration and reference is None:
+        raise ValueError(f"the `{aggregation}` aggregation needs the calibration reference")
+    if entry.needs_prediction_change and change is None:
+        raise ValueError(f"the `{aggregation}` aggregation needs the prediction change matrix")
+    return entry.function(AggregationInputs(baseline, after, direction, change, reference))
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,10 +12,9 @@ from PIL import Image
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def make_tiny_model(folder: Path, *, prediction_type="epsilon", num_class_embeds=None, seed=0) -> Path:
-    """Saves a randomly initialised 8×8 grayscale DDPM pipeline (≈20k parameters)."""
-    torch.manual_seed(seed)
-    unet = UNet2DModel(
+def tiny_unet(*, num_class_embeds=None) -> UNet2DModel:
+    """A randomly initialised 8×8 grayscale UNet (≈20k parameters)."""
+    return UNet2DModel(
         sample_size=8,
         in_channels=1,
         out_channels=1,
@@ -26,6 +25,12 @@ def make_tiny_model(folder: Path, *, prediction_type="epsilon", num_class_embeds
         norm_num_groups=4,
         num_class_embeds=num_class_embeds,
     )
+
+
+def make_tiny_model(folder: Path, *, prediction_type="epsilon", num_class_embeds=None, seed=0) -> Path:
+    """Saves a randomly initialised 8×8 grayscale DDPM pipeline of :func:`tiny_unet`."""
+    torch.manual_seed(seed)
+    unet = tiny_unet(num_class_embeds=num_class_embeds)
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
     return folder

@@ -2,24 +2,16 @@
 
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 
 from diffattr import DiffattrError, DiffusionModel
 from diffattr.denoisers import DENOISERS, LatentTextUNet, PixelUNet, family_of, in_memory
 
+from .conftest import tiny_unet
+
 
 def _model(prediction_type: str):
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-    return in_memory(unet, DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type))
+    return in_memory(tiny_unet(), DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type))
 
 
 def test_forward_process_and_targets_match_diffusers():
