@@ -30,7 +30,7 @@ SECTIONS = [
         "benchmarks/eval_customization_text.py",
         "Customization with text: perturbation choices",
     ),
-    ("audit", "scripts/eval_audit.py", "Memorization audit"),
+    ("audit", "benchmarks/eval_audit.py", "Memorization audit"),
     ("speed", "benchmarks/bench_speed.py", "Speed: Forward-INF vs D-TRAK"),
     ("memory", "benchmarks/bench_memory.py", "Memory: 1k vs 10k training images"),
 ]

@@ -99,9 +99,7 @@ def main(args):
             progress=not args.quiet,
             description=f"fine-tuning on {concept}",
         )
-        model = type(base)(
-            unet.requires_grad_(False).eval(), base.scheduler, source=f"custom-{concept}", fingerprint=concept
-        )
+        model = base.with_network(unet.requires_grad_(False).eval(), source=f"custom-{concept}", fingerprint=concept)
         seeds = list(range(100 * c, 100 * c + args.samples))
         samples = generate(model, seeds=seeds, progress=not args.quiet)
         queries = Queries(samples, None, [f"{concept}/seed{s}" for s in seeds])

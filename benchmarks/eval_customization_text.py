@@ -101,7 +101,7 @@ def customized(base: DiffusionModel, train: TrainingSet, mine: torch.Tensor, *, 
     )
     unet.fuse_lora()
     unet.unload_lora()
-    return dataclasses.replace(base, unet=unet.requires_grad_(False).eval(), source=f"lora-{name}", fingerprint=name)
+    return base.with_network(unet.requires_grad_(False).eval(), source=f"lora-{name}", fingerprint=name)
 
 
 def quantized(images: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from protocol import all_method_scores, default_name, sweep_settings, write_tables
 from safetensors.torch import load_file, save_file
 
@@ -34,7 +34,7 @@ from diffattr.losses import loss_matrix
 from diffattr.metrics import bootstrap_lds, linear_datamodeling_score
 from diffattr.noise import ScoringGrid, timestep_grid
 from diffattr.sampling import generate
-from diffattr.training import train_denoiser
+from diffattr.training import toy_unet, train_denoiser
 
 RESOLUTION = 8
 
@@ -55,17 +55,8 @@ def parse_args():
     return parser.parse_args()
 
 
-def lds_unet() -> UNet2DModel:
-    return UNet2DModel(
-        sample_size=RESOLUTION,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
+def lds_unet():
+    return toy_unet(sample_size=RESOLUTION, block_out_channels=(16, 32))
 
 
 def scheduler() -> DDPMScheduler:

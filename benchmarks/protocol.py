@@ -34,8 +34,11 @@ class Setting:
     config: AttributionConfig = DEFAULT
     num_timesteps: int = DEFAULT_K
     num_draws: int = DEFAULT_S
+    label: str | None = None  # a name for a recipe, in place of the list of changed fields
 
     def name(self) -> str:
+        if self.label:
+            return self.label
         changed = [
             f"{f.name}={getattr(self.config, f.name)}"
             for f in dataclasses.fields(AttributionConfig)

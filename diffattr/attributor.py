@@ -299,10 +299,20 @@ class Attributor:
                 self.run.write_calibration(self._reference, indices, settings)
         return self._reference
 
+    def null_loss(self) -> float:
+        """L_null of ``--null-stop`` (``Engine.null_loss``): computed once per run directory."""
+        engine = self.engine()
+        if engine.null_loss_value is None:
+            engine.null_loss_value = self.run.read_null_loss()
+            if engine.null_loss_value is None:
+                self.run.write_null_loss(engine.null_loss())
+        return engine.null_loss_value
+
     def cache(self) -> torch.Tensor:
         """Computes (or loads) everything a query needs: encodings, the baseline loss matrix B and,
         for the ``calibrated`` aggregation, the calibration under this object's attribution
-        settings. The first query with those settings then costs what every later query costs.
+        settings, and L_null for ``--null-stop``. The first query with those settings then costs
+        what every later query costs.
 
         Returns:
             ``(N, K)`` baseline losses, rows in the order of ``ids``.
@@ -311,6 +321,8 @@ class Attributor:
             DiffattrError: the run directory holds results of another model, data set or grid.
         """
         baseline = self.baseline()
+        if self.attribution.null_stop is not None:
+            self.null_loss()
         if AGGREGATIONS[self.attribution.aggregation].needs_calibration:
             self.calibration()
         return baseline
@@ -408,9 +420,13 @@ class Attributor:
             record={
                 "config": {key: config[key] for key in ("scoring", "attribution")},
                 "query_loss_per_step": response.query_losses,
+                **({"perturb_steps": response.steps} if self._stops_early() else {}),
             },
         )
         return result
+
+    def _stops_early(self) -> bool:
+        return self.attribution.target_change is not None or self.attribution.null_stop is not None
 
     def scorer(self, method: str) -> Scorer:
         """The baseline ``method`` over this run (kept: features and kernel serve later calls)."""

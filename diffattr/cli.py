@@ -19,7 +19,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
         group.add_argument(
             flag,
             dest=f.name,
-            type=type(f.default),
+            type=f.metadata["type"],
             default=f.default,
             help=f"{f.metadata['help']} (default: {f.default})",
         )

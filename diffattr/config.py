@@ -22,7 +22,7 @@ from .errors import DiffattrError
 from .scoring import AGGREGATIONS
 
 DIRECTIONS = ("descent", "ascent")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 # Flags that read better than the field names; every other field maps to --field-name.
@@ -34,8 +34,9 @@ def flag_name(field_name: str) -> str:
     return _FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
 
 
-def _field(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _field(default, help: str, *, value_type: type | None = None):
+    """A config field; ``value_type`` is its type where the default does not tell it (``None``)."""
+    return field(default=default, metadata={"help": help, "type": value_type or type(default)})
 
 
 def _check(condition: bool, name: str, value, allowed: str) -> None:
@@ -88,9 +89,17 @@ class AttributionConfig(_JSONConfig):
     """How a query perturbs the model, and how loss deltas become one score per training image."""
 
     direction: str = _field("ascent", "descent: train the copy on the query; ascent: unlearn it")
-    steps: int = _field(10, "optimizer steps on the query (0 leaves the model unchanged)")
+    steps: int = _field(
+        10, "optimizer steps on the query (0 leaves the model unchanged); the bound with --target-change"
+    )
     learning_rate: float = _field(1e-4, "optimizer step size")
-    optimizer: str = _field("adam", "adam or sgd")
+    target_change: float | None = _field(
+        None,
+        "perturb by effect: step until the query's loss on one fixed bank of draws has risen (ascent) or fallen "
+        "(descent) by this fraction, e.g. 0.5; unset: exactly --steps steps",
+        value_type=float,
+    )
+    optimizer: str = _field("adam", "adam, adamw (decoupled weight decay 0.01, MUCS's choice) or sgd")
     params: str = _field(
         "all",
         "which UNet parameters move: all, attention, cross-attention-kv (key/value of cross-attention), "
@@ -98,6 +107,16 @@ class AttributionConfig(_JSONConfig):
     )
     lora_rank: int = _field(4, "rank of the fresh adapter of --params lora")
     draws_per_step: int = _field(64, "(timestep, noise) draws of the query per optimizer step")
+    retain_batch: int = _field(
+        0, "random training images per step that the copy descends on while it moves on the query (MUCS's retain term)"
+    )
+    query_weight: float = _field(1.0, "λ: weight of the query's loss against the retain term (MUCS: 0.2)")
+    null_stop: float | None = _field(
+        None,
+        "MUCS's stop: clamp each query draw's loss at an untrained model's loss L_null and stop once their mean "
+        "reaches this fraction of it (MUCS: 0.95; one extra pass once per run)",
+        value_type=float,
+    )
     aggregation: str = _field("calibrated", "; ".join(f"{a.name}: {a.help}" for a in AGGREGATIONS.values()))
     calibration_images: int = _field(
         16, "R: training images whose perturbations calibrate the `calibrated` aggregation (once per run)"
@@ -109,8 +128,21 @@ class AttributionConfig(_JSONConfig):
         _check(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {tuple(AGGREGATIONS)}")
         _check(0 <= self.steps <= 10_000, "steps", self.steps, "between 0 and 10000")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "positive")
+        if self.target_change is not None:
+            upper = 1 if self.direction == "descent" else float("inf")
+            _check(
+                0 < self.target_change < upper,
+                "target_change",
+                self.target_change,
+                "in (0, 1) with descent (a loss cannot fall by more than all of it)" if upper == 1 else "positive",
+            )
         _check(self.draws_per_step >= 1, "draws_per_step", self.draws_per_step, "at least 1")
         _check(self.lora_rank >= 1, "lora_rank", self.lora_rank, "at least 1")
+        _check(self.retain_batch >= 0, "retain_batch", self.retain_batch, "0 (none) or a positive integer")
+        _check(self.query_weight > 0, "query_weight", self.query_weight, "positive")
+        if self.null_stop is not None:
+            _check(self.direction == "ascent", "null_stop", self.null_stop, "used with --direction ascent only")
+            _check(0 < self.null_stop <= 1, "null_stop", self.null_stop, "in (0, 1]")
         _check(self.calibration_images >= 2, "calibration_images", self.calibration_images, "at least 2")
         _check(bool(self.params), "params", self.params, "all, attention, cross-attention-kv, lora or a regex")
         try:
@@ -166,6 +198,13 @@ class AuditConfig(_JSONConfig):
         _check(self.copy_tolerance >= 0, "copy_tolerance", self.copy_tolerance, "non-negative")
         _check(0 < self.gap_timesteps <= 1, "gap_timesteps", self.gap_timesteps, "in (0, 1]")
         _check(self.replica_weight >= 0, "replica_weight", self.replica_weight, "non-negative")
+
+
+def with_defaults(config_class, saved: dict) -> dict:
+    """A saved config section with the fields it predates filled in at their defaults: a run made
+    before a field existed was made with its default, and stays valid."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_class)}
+    return {**defaults, **saved}
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

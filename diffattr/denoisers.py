@@ -54,7 +54,13 @@ class Denoiser:
     network_class: ClassVar[str]  # the diffusers class of the network
     components: ClassVar[tuple[str, ...]] = ()  # the other pipeline components the family needs
     # Named parameter sets for --params (regular expressions on parameter names).
-    parameter_groups: ClassVar[dict[str, str]] = {"attention": r"attn|attention"}
+    parameter_groups: ClassVar[dict[str, str]] = {
+        "attention": r"attn|attention",
+        # What MUCS (Sony, 2026) moves: everything but attention, biases, embeddings and the
+        # input/output layers.
+        "mucs": r"^(?!.*(?:attn|attention|time_embedding|class_embedding|conv_in|conv_out|conv_norm_out))"
+        r".*(?<!\.bias)$",
+    }
     # Linear layers a fresh LoRA adapter wraps (--params lora): the attention projections.
     lora_targets: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -66,6 +72,20 @@ class Denoiser:
         for name in self.components:
             setattr(self, name, components.get(name))
         self._alphas: torch.Tensor | None = None
+
+    def with_network(self, network: torch.nn.Module, *, source: str, fingerprint: str) -> Denoiser:
+        """The same family, scheduler and components around another network (e.g. a fine-tuned copy)."""
+        components = {name: getattr(self, name) for name in self.components}
+        return type(self)(network, self.scheduler, source=source, fingerprint=fingerprint, **components)
+
+    def untrained_network(self, seed: int) -> torch.nn.Module:
+        """A freshly initialised network of the same architecture: MUCS's reference of a loss that
+        knows nothing (diffusers models rebuild from their config)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            network = type(self.network).from_config(self.network.config)
+        dtype = next(self.network.parameters()).dtype
+        return network.to(self.device, dtype=dtype).eval().requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **options) -> Denoiser:

@@ -61,12 +61,15 @@ class Response:
 
     Attributes:
         after: A (and the prediction change, when asked for) on the run's grid and noise.
-        query_losses: the query's own loss before each optimizer step.
+        query_losses: the query's own loss before each optimizer step (see
+            :class:`~diffattr.perturb.PerturbedCopy`).
+        steps: optimizer steps taken.
         timings: ``perturb_seconds`` and ``score_seconds``.
     """
 
     after: LossMatrix
     query_losses: list[float]
+    steps: int
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -91,6 +94,7 @@ class Engine:
         self.train = train
         self.grid = grid
         self.progress = progress
+        self.null_loss_value: float | None = None  # L_null, once computed (or set from a cache)
 
     @property
     def ids(self) -> list[str]:
@@ -123,6 +127,14 @@ class Engine:
         """B: ``(N, K)`` losses of the unperturbed model."""
         return self.losses(description="baseline").losses
 
+    def null_loss(self) -> float:
+        """L_null: an untrained network's mean loss over the training set on the run's grid (MUCS's
+        stopping reference; one pass, once)."""
+        if self.null_loss_value is None:
+            untrained = self.model.untrained_network(seed=self.grid.seed)
+            self.null_loss_value = self.losses(network=untrained, description="untrained loss").losses.mean().item()
+        return self.null_loss_value
+
     def respond(
         self,
         encoding: torch.Tensor,
@@ -146,21 +158,28 @@ class Engine:
                 aggregation needs it).
         """
         start = time.perf_counter()
-        network, query_losses = perturbed_copy(
-            self.model, encoding, condition, config, seed=noise_key(self.grid.seed, name), progress=progress
+        copy = perturbed_copy(
+            self.model,
+            encoding,
+            condition,
+            config,
+            seed=noise_key(self.grid.seed, name),
+            progress=progress,
+            retain=(self.train.encodings, self.train.conditions) if config.retain_batch else None,
+            null_loss=self.null_loss() if config.null_stop is not None else None,
         )
         perturb_seconds = time.perf_counter() - start
         needs_change = with_prediction_change
         if needs_change is None:
             needs_change = AGGREGATIONS[config.aggregation].needs_prediction_change
         after = self.losses(
-            network=network,
+            network=copy.network,
             reference_network=self.model.network if needs_change else None,
             progress=progress,
             description=description,
         )
         timings = {"perturb_seconds": perturb_seconds, "score_seconds": time.perf_counter() - start - perturb_seconds}
-        return Response(after, query_losses, timings)
+        return Response(after, copy.query_losses, copy.steps, timings)
 
     def calibration(self, config: AttributionConfig, baseline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's usual response, for the ``calibrated`` aggregation.
@@ -207,7 +226,7 @@ class Engine:
         config: AttributionConfig,
         *,
         baseline: torch.Tensor,
-        aggregations: Iterable[str] = ("calibrated", "loss", "zscore", "relative"),
+        aggregations: Iterable[str] = ("calibrated", "loss", "zscore", "relative", "ratio"),
         reference: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Scores of many queries under several aggregations, one perturbation and pass per query.

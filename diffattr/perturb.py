@@ -2,12 +2,18 @@
 
 Descent trains the copy on the query (the mirrored direction: training images that helped make
 the query get easier too); ascent unlearns it. The caller's UNet is never touched.
+
+How far the copy moves is set either by the step size (``--steps`` steps of ``--lr``) or by its
+effect (``--target-change``): steps until the query's own loss, on one fixed bank of draws, has
+risen (ascent) or fallen (descent) by that fraction. A fraction of the query's loss means the same
+on a 0.7M-parameter UNet and on a 900M one; a learning rate does not.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -69,12 +75,56 @@ def query_loss(
         query: ``(C, H, W)`` encoding of the query.
         condition: the query's condition with a leading batch dimension of 1, or ``None``.
     """
+    return loss_on_draws(model, network, query, condition, query_draws(model, query, draws, generator))
+
+
+def loss_on_draws(
+    model: Denoiser,
+    network: torch.nn.Module,
+    query: torch.Tensor,
+    condition: torch.Tensor | None,
+    draws: tuple[torch.Tensor, torch.Tensor],
+    *,
+    reduce: bool = True,
+) -> torch.Tensor:
+    """Mean denoising loss of one query over given ``(timesteps, noise)`` draws (each draw's, with
+    ``reduce=False``)."""
     device = model.device
-    t = torch.randint(0, model.num_train_timesteps, (draws,), generator=generator).to(device)
-    noise = torch.randn((draws, *query.shape), generator=generator).to(device)
-    clean = query.to(device).expand(draws, *query.shape)
-    conditions = None if condition is None else condition.to(device).expand(draws, *condition.shape[1:])
-    return denoising_loss(model, clean, noise, t, conditions, network=network).loss.mean()
+    t, noise = (tensor.to(device) for tensor in draws)
+    clean = query.to(device).expand(len(t), *query.shape)
+    conditions = None if condition is None else condition.to(device).expand(len(t), *condition.shape[1:])
+    losses = denoising_loss(model, clean, noise, t, conditions, network=network).loss
+    return losses.mean() if reduce else losses
+
+
+def query_draws(
+    model: Denoiser, query: torch.Tensor, draws: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draws`` random (timestep, noise) pairs for one query."""
+    t = torch.randint(0, model.num_train_timesteps, (draws,), generator=generator)
+    return t, torch.randn((draws, *query.shape), generator=generator)
+
+
+class PerturbedCopy(NamedTuple):
+    """The perturbed network and what the perturbation did.
+
+    Attributes:
+        network: the copy (eval mode, no gradients).
+        query_losses: the query's loss before each optimizer step; with a target change, also the
+            loss after the last step, so ``query_losses[-1] / query_losses[0]`` is the effect reached.
+        steps: optimizer steps taken.
+    """
+
+    network: torch.nn.Module
+    query_losses: list[float]
+    steps: int
+
+
+def target_reached(config: AttributionConfig, start: float, now: float) -> bool:
+    """Whether the query's loss has moved from ``start`` to ``now`` by the config's target change."""
+    if config.direction == "ascent":
+        return now >= (1.0 + config.target_change) * start
+    return now <= (1.0 - config.target_change) * start
 
 
 def perturbed_copy(
@@ -85,20 +135,35 @@ def perturbed_copy(
     *,
     seed: int,
     progress: bool = False,
-) -> tuple[torch.nn.Module, list[float]]:
+    retain: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    null_loss: float | None = None,
+) -> PerturbedCopy:
     """A copy of the model's network after ``config.steps`` optimizer steps on the query.
 
     Args:
         model: the model; its network is copied, never modified.
         query: ``(C, H, W)`` encoding of the query.
         condition: ``(1, ...)`` condition of the query, or ``None``.
-        config: direction, steps, learning rate, optimizer, parameters that move, draws per step.
+        config: direction, steps, learning rate, optimizer, parameters that move, draws per step,
+            and the optional stopping rules and retain term.
         seed: seeds the (timestep, noise) draws, so the same query gives the same copy.
         progress: show a progress bar.
+        retain: ``(encodings, conditions)`` of the training set, for ``config.retain_batch``.
+        null_loss: an untrained network's mean loss, for ``config.null_stop``.
 
     Returns:
-        The perturbed network (eval mode, no gradients) and the query loss before each step.
+        The copy and its query losses and step count (:class:`PerturbedCopy`). With
+        ``config.target_change`` the draws are one fixed bank, so the loss is a function of the
+        weights alone, and the steps stop once the change is reached (``config.steps`` bounds them).
+        With ``config.null_stop`` (MUCS) each draw's loss is clamped at ``null_loss`` and the steps
+        stop once their mean reaches that fraction of it. With ``config.retain_batch`` every step
+        also descends on that many random training images (MUCS's retain term), and the query's
+        term is weighted by ``config.query_weight``.
     """
+    if config.retain_batch and retain is None:
+        raise ValueError("config.retain_batch needs the training set (retain=)")
+    if config.null_stop is not None and null_loss is None:
+        raise ValueError("config.null_stop needs the untrained model's loss (null_loss=)")
     network = copy.deepcopy(model.network)
     if config.params == "lora":
         moving = _add_lora(model, network, config.lora_rank)
@@ -106,20 +171,57 @@ def perturbed_copy(
         moving = [p for _, p in select_parameters(model, config.params, network)]
     for parameter in moving:
         parameter.requires_grad_(True)
-    if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(moving, lr=config.learning_rate)
-    else:
-        optimizer = torch.optim.SGD(moving, lr=config.learning_rate)
+    optimizer = _OPTIMIZERS[config.optimizer](moving, lr=config.learning_rate)
     sign = 1.0 if config.direction == "descent" else -1.0
     generator = torch.Generator().manual_seed(seed)
-    history = []
+    targeted = config.target_change is not None
+    stops_early = targeted or config.null_stop is not None
+    bank = query_draws(model, query, config.draws_per_step, generator) if targeted else None
+
+    def query_term() -> torch.Tensor:
+        draws = bank if bank is not None else query_draws(model, query, config.draws_per_step, generator)
+        losses = loss_on_draws(model, network, query, condition, draws, reduce=False)
+        return losses.clamp(max=null_loss).mean() if config.null_stop is not None else losses.mean()
+
+    def done(history: list[float]) -> bool:
+        if targeted and target_reached(config, history[0], history[-1]):
+            return True
+        return config.null_stop is not None and history[-1] >= config.null_stop * null_loss
+
+    history, steps = [], 0
     # Eval mode keeps dropout off: the copy differs from the model only by the steps taken.
     network.eval()
     with torch.inference_mode(False), torch.enable_grad():  # works inside a caller's no_grad block too
-        for _ in tqdm(range(config.steps), disable=not progress, desc=f"perturbing ({config.direction})"):
-            loss = query_loss(model, network, query, condition, draws=config.draws_per_step, generator=generator)
-            optimizer.zero_grad(set_to_none=True)
-            (sign * loss).backward()
-            optimizer.step()
+        bar = tqdm(total=config.steps, disable=not progress, desc=f"perturbing ({config.direction})")
+        while True:
+            at_bound = steps == config.steps
+            if at_bound and not stops_early:
+                break
+            loss = query_term()
             history.append(loss.item())
-    return network.requires_grad_(False), history
+            if at_bound or (stops_early and done(history)):
+                break
+            objective = sign * config.query_weight * loss
+            if config.retain_batch:
+                objective = objective + _retain_loss(model, network, retain, config.retain_batch, generator)
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            steps += 1
+            bar.update()
+        bar.close()
+    return PerturbedCopy(network.requires_grad_(False), history, steps)
+
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def _retain_loss(model, network, retain, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Mean denoising loss of ``batch_size`` random training images (fresh timesteps and noise)."""
+    encodings, conditions = retain
+    rows = torch.randint(len(encodings), (batch_size,), generator=generator).sort().values
+    clean = encodings[rows].to(model.device)
+    t = torch.randint(0, model.num_train_timesteps, (batch_size,), generator=generator)
+    noise = torch.randn(clean.shape, generator=generator)
+    labels = None if conditions is None else conditions[rows].to(model.device)
+    return denoising_loss(model, clean, noise.to(model.device), t.to(model.device), labels, network=network).loss.mean()

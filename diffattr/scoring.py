@@ -108,6 +108,12 @@ def calibrated_delta(delta: torch.Tensor, reference: torch.Tensor, *, direction:
     return direction_sign(direction) * delta.mean(1) / reference.clamp_min(_EPS)
 
 
+def ratio_delta(baseline: torch.Tensor, after: torch.Tensor, *, direction: str, eps: float = 1e-3) -> torch.Tensor:
+    """Signed mean over timesteps of ``(A − B) / (A + B + eps)``: the score of MUCS (Sony, 2026),
+    bounded in (−1, 1) per timestep, so no single timestep or image dominates. ``(N, K) → (N,)``."""
+    return direction_sign(direction) * ((after - baseline) / (after + baseline + eps)).mean(1)
+
+
 def prediction_change(change: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """Mean over timesteps of ``‖ε_θ′ − ε_θ‖² / B`` (unsigned: any change is influence). ``(N, K) → (N,)``."""
     return (change / baseline.clamp_min(_EPS)).mean(1)
@@ -130,6 +136,11 @@ def _loss(inputs: AggregationInputs) -> torch.Tensor:
 @register_aggregation("relative", help="mean over t of Δ/B")
 def _relative(inputs: AggregationInputs) -> torch.Tensor:
     return relative_delta(inputs.delta, inputs.baseline, direction=inputs.direction)
+
+
+@register_aggregation("ratio", help="mean over t of (A − B)/(A + B + 0.001), the score of MUCS")
+def _ratio(inputs: AggregationInputs) -> torch.Tensor:
+    return ratio_delta(inputs.baseline, inputs.after, direction=inputs.direction)
 
 
 @register_aggregation("zscore", help="mean of per-timestep z-scored Δ")

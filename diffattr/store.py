@@ -7,6 +7,7 @@
 <run-dir>/baseline.safetensors      "baseline" (N, K), "timesteps" (K,)
 <run-dir>/calibration.safetensors   "reference" (N,), "indices" (R,): the `calibrated` aggregation's reference,
                                     with the attribution settings it holds for in its metadata
+<run-dir>/null_loss.json            {"null_loss": L_null}: an untrained network's mean loss (--null-stop only)
 <run-dir>/methods/<method>-<hash>.safetensors  "features": a baseline's training features, per setting
 <run-dir>/queries/<query-id>/result.json       query, top-k, config, timings
 <run-dir>/queries/<query-id>/scores.safetensors "scores" (N,), "deltas" (N, K), "after" (N, K)
@@ -29,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import config_differences
+from .config import AttributionConfig, config_differences, with_defaults
 from .errors import DiffattrError
 from .files import atomic_write
 
@@ -38,6 +39,7 @@ IDS_FILE = "ids.json"
 ENCODINGS_DIR = "encodings"
 BASELINE_FILE = "baseline.safetensors"
 CALIBRATION_FILE = "calibration.safetensors"
+NULL_LOSS_FILE = "null_loss.json"
 QUERIES_DIR = "queries"
 METHODS_DIR = "methods"
 RESULT_FILE = "result.json"
@@ -84,11 +86,14 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _checked(config: dict) -> dict:
-    return {
+    checked = {
         section: {key: value for key, value in config[section].items() if key not in UNCHECKED_KEYS}
         for section in CHECKED_SECTIONS
         if section in config
     }
+    if "attribution" in checked:
+        checked["attribution"] = with_defaults(AttributionConfig, checked["attribution"])
+    return checked
 
 
 class RunDirectory:
@@ -193,7 +198,7 @@ class RunDirectory:
             raise DiffattrError(
                 f"{path}: cannot read this safetensors file ({error}); delete it to recompute"
             ) from None
-        if saved is None or json.loads(saved) != settings:
+        if saved is None or with_defaults(AttributionConfig, json.loads(saved)) != settings:
             return None
         return read_tensors(path)["reference"]
 
@@ -201,6 +206,19 @@ class RunDirectory:
         """Saves the calibration with the attribution settings it was computed under."""
         metadata = {"attribution": json.dumps(settings, sort_keys=True)}
         write_tensors(self.file(CALIBRATION_FILE), {"reference": reference, "indices": indices}, metadata=metadata)
+
+    def read_null_loss(self) -> float | None:
+        if not self.exists(NULL_LOSS_FILE):
+            return None
+        value = read_json(self.file(NULL_LOSS_FILE))
+        if not (isinstance(value, dict) and isinstance(value.get("null_loss"), float)):
+            raise DiffattrError(
+                f'{self.file(NULL_LOSS_FILE)}: expected {{"null_loss": <number>}}; delete it to recompute'
+            )
+        return value["null_loss"]
+
+    def write_null_loss(self, value: float) -> None:
+        write_json(self.file(NULL_LOSS_FILE), {"null_loss": value})
 
     def _features_file(self, method: str, settings: dict) -> Path:
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

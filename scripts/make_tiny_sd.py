@@ -44,6 +44,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from diffattr.denoisers import in_memory
+from diffattr.training import train_denoiser
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # the names transformers' CLIPTokenizer and SD checkpoints use
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CONCEPT_PROMPT = "a handwritten digit in sks style"
@@ -290,61 +293,6 @@ def build_scheduler() -> DDPMScheduler:
     )
 
 
-def draw(
-    latents: torch.Tensor, conditions: torch.Tensor, size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    index = torch.randint(len(latents), (size,), generator=generator)
-    return latents[index], conditions[index]
-
-
-def train_denoiser(
-    unet: UNet2DConditionModel,
-    scheduler: DDPMScheduler,
-    latents: torch.Tensor,
-    conditions: torch.Tensor,
-    *,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    desc: str,
-    empty_condition: torch.Tensor | None = None,
-    drop_probability: float = 0.0,
-    prior: tuple[torch.Tensor, torch.Tensor] | None = None,
-    prior_batch_size: int = 0,
-) -> list[float]:
-    """Epsilon-prediction training of the parameters that require grad.
-
-    ``drop_probability``: share of captions replaced by "" (``empty_condition``), so classifier-free guidance works.
-    ``prior``: (latents, conditions) of which ``prior_batch_size`` more join every batch (prior preservation).
-    """
-    generator = torch.Generator().manual_seed(seed)
-    parameters = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup=min(100, steps // 10)))
-    losses = []
-    unet.train()
-    for _ in tqdm(range(steps), desc=desc, mininterval=2):
-        clean, condition = draw(latents, conditions, batch_size, generator)
-        if prior is not None and prior_batch_size > 0:
-            prior_clean, prior_condition = draw(*prior, prior_batch_size, generator)
-            clean, condition = torch.cat([clean, prior_clean]), torch.cat([condition, prior_condition])
-        if drop_probability > 0:
-            dropped = torch.rand(len(clean), 1, 1, generator=generator) < drop_probability
-            condition = torch.where(dropped, empty_condition, condition)
-        noise = torch.randn(clean.shape, generator=generator)
-        timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(clean),), generator=generator)
-        noisy = scheduler.add_noise(clean, noise, timesteps)
-        loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=condition).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    unet.eval()
-    return losses
-
-
 def add_lora(unet: UNet2DConditionModel, target_modules: list[str], *, seed: int) -> int:
     """Adds a rank-4 adapter (alpha 4: scale 1) and freezes the rest; returns the adapter's parameter count."""
     torch.manual_seed(seed)
@@ -514,18 +462,19 @@ def main(args):
 
     scheduler = build_scheduler()
     unet = build_unet(seed=args.seed)
+    model = in_memory(unet, scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     unet_losses = train_denoiser(
-        unet,
-        scheduler,
+        model,
         latents,
-        conditions,
+        labels=conditions,
         steps=args.unet_steps,
         batch_size=args.batch_size,
         learning_rate=1e-3,
-        seed=args.seed,
-        desc="unet",
+        warmup=0.1,
+        drop_conditions=0.1,
         empty_condition=empty_condition,
-        drop_probability=0.1,
+        seed=args.seed,
+        description="unet",
     )
     unet.requires_grad_(False)
     save_pipeline(model_dir, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
@@ -533,17 +482,18 @@ def main(args):
 
     lora_parameters = add_lora(unet, args.lora_targets.split(","), seed=args.seed)
     lora_losses = train_denoiser(
-        unet,
-        scheduler,
+        model,
         concept_latents,
-        concept_conditions,
+        labels=concept_conditions,
+        parameters=[p for p in unet.parameters() if p.requires_grad],
         steps=args.lora_steps,
         batch_size=16,
         learning_rate=3e-3,
-        seed=args.seed,
-        desc="lora",
+        warmup=0.1,
         prior=(latents, conditions),
         prior_batch_size=args.prior_batch_size,
+        seed=args.seed,
+        description="lora",
     )
     save_lora(unet, lora_dir)
     fingerprint = predict_noise(unet, scheduler, concept_latents, concept_conditions)

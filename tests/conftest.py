@@ -6,25 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
+
+from diffattr.training import toy_unet
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def tiny_unet(*, num_class_embeds=None) -> UNet2DModel:
+def tiny_unet(*, num_class_embeds=None):
     """A randomly initialised 8×8 grayscale UNet (≈20k parameters)."""
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        num_class_embeds=num_class_embeds,
-    )
+    return toy_unet(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=num_class_embeds)
 
 
 def make_tiny_model(folder: Path, *, prediction_type="epsilon", num_class_embeds=None, seed=0) -> Path:

@@ -8,6 +8,7 @@ from diffattr.scoring import (
     calibrated_delta,
     mean_delta,
     prediction_change,
+    ratio_delta,
     relative_delta,
     top_k,
     zscore_delta,
@@ -26,6 +27,17 @@ def test_mean_delta_signs_make_higher_more_influential():
 def test_relative_delta_weighs_timesteps_by_their_own_scale():
     scores = relative_delta(AFTER - BASELINE, BASELINE, direction="descent")
     assert torch.allclose(scores, torch.tensor([0.5, 0.0, -0.1]))
+
+
+def test_ratio_delta_is_bounded_and_scale_free():
+    # MUCS's score: a loss that doubles scores 1/3 whatever its scale; the eps keeps 0/0 at 0.
+    baseline = torch.tensor([[1.0, 100.0], [0.0, 0.0]])
+    after = torch.tensor([[2.0, 200.0], [0.0, 0.0]])
+    scores = ratio_delta(baseline, after, direction="ascent")
+    assert torch.allclose(scores[0], torch.tensor(1 / 3), atol=2e-4) and scores[1] == 0
+    assert torch.allclose(
+        ratio_delta(baseline, after, direction="descent"), -ratio_delta(baseline, after, direction="ascent")
+    )
 
 
 def test_zscore_delta_on_known_columns():
@@ -60,7 +72,7 @@ def test_prediction_change_is_unsigned_and_normalised():
     assert torch.allclose(prediction_change(change, BASELINE), torch.tensor([0.5, 0.0, 0.1]))
 
 
-@pytest.mark.parametrize("aggregation", ["relative", "loss", "zscore"])
+@pytest.mark.parametrize("aggregation", ["relative", "loss", "zscore", "ratio"])
 def test_aggregate_ranks_the_helpful_image_first(aggregation):
     scores = aggregate(aggregation, baseline=BASELINE, after=AFTER, direction="descent")
     assert scores.argmax() == 0 and scores.argmin() == 2

@@ -109,7 +109,7 @@ def test_perturbation_choices_move_only_their_parameters(sd_model, params, moved
     query = sd_model.encode(torch.zeros(1, 3, 16, 16))[0]
     condition = sd_model.conditions(["q"], prompts=[SKS])
     config = AttributionConfig(params=params, steps=2, learning_rate=1e-2, draws_per_step=4)
-    copy, _ = perturbed_copy(sd_model, query, condition, config, seed=0)
+    copy, *_ = perturbed_copy(sd_model, query, condition, config, seed=0)
     original = {name: before.get(name.replace(".base_layer", "")) for name, _ in copy.named_parameters()}
     changed = [
         name for name, p in copy.named_parameters() if original[name] is None or not torch.equal(p, original[name])

@@ -1,14 +1,14 @@
 """Ground truth of the memorization audit: canaries at 1/5/20/100 copies, planted leakage, flipped labels.
 
-Builds the data (``make_audit_data.py``), trains one class-conditional toy model on it
-(``train_toy.py``), runs ``Attributor.audit`` with ``--leakage`` and ``--mislabeled``, and prints
+Builds the data (``scripts/make_audit_data.py``), trains one class-conditional toy model on it
+(``scripts/train_toy.py``), runs ``Attributor.audit`` with ``--leakage`` and ``--mislabeled``, and prints
 one table: AUC of canaries with ≥ 20 copies against every other training image, mean score per
 duplication level (0 = held-out non-members), replica top-1 accuracy, leakage recall/precision,
 mislabeled precision@k. Writes ``<out>.json`` and ``<out>.md`` (with the command that made them).
 Data, model and audit are reused by a rerun with the same settings (the audit resumes).
 
-    python scripts/eval_audit.py                      # full: ~10 min of training + ~7 min of audit on 2 cores
-    python scripts/eval_audit.py --quick              # smoke run: tiny data, 200 training steps, ~3 min
+    python benchmarks/eval_audit.py                      # full: ~10 min of training + ~7 min of audit on 2 cores
+    python benchmarks/eval_audit.py --quick              # smoke run: tiny data, 200 training steps, ~3 min
 """
 
 import argparse
@@ -64,8 +64,8 @@ HEAVY = 20  # canaries with at least this many copies are the positives of the A
 
 
 def _script(name: str):
-    """Imports a sibling script (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / f"{name}.py")
+    """Imports a script of ``scripts/`` (not a package): the data builder and the toy trainer."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -122,18 +122,13 @@ def prepare(work: Path, settings: dict, *, quiet: bool) -> dict:
         timings["data_seconds"] = time.perf_counter() - start
     if not (work / "model" / "model_index.json").is_file():
         start = time.perf_counter()
-        training = argparse.Namespace(
-            data=work / "data" / "train",
-            out=work / "model",
-            steps=settings["train_steps"],
-            batch_size=64,
-            learning_rate=2e-3,
-            prediction_type="epsilon",
-            class_conditional=True,
-            seed=settings["seed"],
-            quiet=quiet,
+        train_toy = _script("train_toy")
+        training = train_toy.parse_args(
+            ["--data", str(work / "data" / "train"), "--out", str(work / "model"), "--class-conditional"]
+            + ["--steps", str(settings["train_steps"]), "--seed", str(settings["seed"])]
+            + (["--quiet"] if quiet else [])
         )
-        _script("train_toy").main(training)
+        train_toy.main(training)
         timings["train_seconds"] = time.perf_counter() - start
     saved.write_text(json.dumps(settings, indent=1) + "\n")
     # Data and model of an earlier run are reused: report the time they took then.
