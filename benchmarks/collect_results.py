@@ -30,6 +30,7 @@ SECTIONS = [
         "benchmarks/eval_customization_text.py",
         "Customization with text: perturbation choices",
     ),
+    ("zoo", "benchmarks/eval_zoo.py", "Every model of the zoo: planted duplicates, one model held out"),
     ("audit", "benchmarks/eval_audit.py", "Memorization audit"),
     ("speed", "benchmarks/bench_speed.py", "Speed: Forward-INF vs D-TRAK"),
     ("memory", "benchmarks/bench_memory.py", "Memory: 1k vs 10k training images"),

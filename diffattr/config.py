@@ -22,7 +22,8 @@ from .errors import DiffattrError
 from .scoring import AGGREGATIONS
 
 DIRECTIONS = ("descent", "ascent")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+# --optimizer name -> torch.optim class name (perturb.py builds it; no torch import here)
+OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
 
 # Flags that read better than the field names; every other field maps to --field-name.
@@ -36,6 +37,8 @@ def flag_name(field_name: str) -> str:
 
 def _field(default, help: str, *, value_type: type | None = None):
     """A config field; ``value_type`` is its type where the default does not tell it (``None``)."""
+    if default is None and value_type is None:
+        raise TypeError("a field whose default is None needs its value_type (the CLI parses with it)")
     return field(default=default, metadata={"help": help, "type": value_type or type(default)})
 
 
@@ -103,6 +106,7 @@ class AttributionConfig(_JSONConfig):
     params: str = _field(
         "all",
         "which UNet parameters move: all, attention, cross-attention-kv (key/value of cross-attention), "
+        "mucs (all but attention, biases, embeddings and the outer layers), "
         "lora (a fresh low-rank adapter on the attention projections), or a regular expression on their names",
     )
     lora_rank: int = _field(4, "rank of the fresh adapter of --params lora")
@@ -122,9 +126,14 @@ class AttributionConfig(_JSONConfig):
         16, "R: training images whose perturbations calibrate the `calibrated` aggregation (once per run)"
     )
 
+    @property
+    def stops_early(self) -> bool:
+        """Whether a stopping rule (``target_change``, ``null_stop``) may end the steps before ``steps``."""
+        return self.target_change is not None or self.null_stop is not None
+
     def __post_init__(self):
         _check(self.direction in DIRECTIONS, "direction", self.direction, f"one of {DIRECTIONS}")
-        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {OPTIMIZERS}")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {tuple(OPTIMIZERS)}")
         _check(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {tuple(AGGREGATIONS)}")
         _check(0 <= self.steps <= 10_000, "steps", self.steps, "between 0 and 10000")
         _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "positive")
@@ -144,7 +153,7 @@ class AttributionConfig(_JSONConfig):
             _check(self.direction == "ascent", "null_stop", self.null_stop, "used with --direction ascent only")
             _check(0 < self.null_stop <= 1, "null_stop", self.null_stop, "in (0, 1]")
         _check(self.calibration_images >= 2, "calibration_images", self.calibration_images, "at least 2")
-        _check(bool(self.params), "params", self.params, "all, attention, cross-attention-kv, lora or a regex")
+        _check(bool(self.params), "params", self.params, "all, attention, cross-attention-kv, mucs, lora or a regex")
         try:
             re.compile(self.params)
         except re.error as error:

@@ -85,7 +85,9 @@ class Denoiser:
             torch.manual_seed(seed)
             network = type(self.network).from_config(self.network.config)
         dtype = next(self.network.parameters()).dtype
-        return network.to(self.device, dtype=dtype).eval().requires_grad_(False)
+        if dtype != next(network.parameters()).dtype:  # diffusers warns on a cast to the same dtype
+            network = network.to(dtype=dtype)
+        return network.to(self.device).eval().requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **options) -> Denoiser:

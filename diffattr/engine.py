@@ -73,6 +73,11 @@ class Response:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _in_memory(tensor) -> torch.Tensor:
+    """A tensor, or a sharded one (``shards.ShardedTensor``) loaded whole."""
+    return tensor.load() if hasattr(tensor, "load") else tensor
+
+
 def calibration_indices(num_images: int, count: int) -> list[int]:
     """``min(count, N)`` indices spread evenly over ``[0, N)`` (R above N uses every image once)."""
     count = min(count, num_images)
@@ -95,6 +100,7 @@ class Engine:
         self.grid = grid
         self.progress = progress
         self.null_loss_value: float | None = None  # L_null, once computed (or set from a cache)
+        self._retain: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -135,6 +141,14 @@ class Engine:
             self.null_loss_value = self.losses(network=untrained, description="untrained loss").losses.mean().item()
         return self.null_loss_value
 
+    def _retain_set(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The training set in memory, for a retain batch: random rows of sharded encodings would
+        read every shard on every step."""
+        if self._retain is None:
+            conditions = self.train.conditions
+            self._retain = (_in_memory(self.train.encodings), None if conditions is None else _in_memory(conditions))
+        return self._retain
+
     def respond(
         self,
         encoding: torch.Tensor,
@@ -165,7 +179,7 @@ class Engine:
             config,
             seed=noise_key(self.grid.seed, name),
             progress=progress,
-            retain=(self.train.encodings, self.train.conditions) if config.retain_batch else None,
+            retain=self._retain_set() if config.retain_batch else None,
             null_loss=self.null_loss() if config.null_stop is not None else None,
         )
         perturb_seconds = time.perf_counter() - start

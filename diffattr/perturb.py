@@ -7,6 +7,10 @@ How far the copy moves is set either by the step size (``--steps`` steps of ``--
 effect (``--target-change``): steps until the query's own loss, on one fixed bank of draws, has
 risen (ascent) or fallen (descent) by that fraction. A fraction of the query's loss means the same
 on a 0.7M-parameter UNet and on a 900M one; a learning rate does not.
+
+MUCS (Sony, 2026) is the same loop with three switches: a retain batch of training images that the
+copy keeps descending on, a weight λ on the query's term, and its stop (the query's loss clamped
+at, and stopping near, an untrained model's loss L_null).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .config import AttributionConfig
+from .config import OPTIMIZERS, AttributionConfig
 from .denoisers import Denoiser, LatentTextUNet
 from .errors import DiffattrError
 from .losses import denoising_loss
@@ -32,7 +36,7 @@ def select_parameters(
     model: Denoiser, which: str, network: torch.nn.Module | None = None
 ) -> list[tuple[str, torch.nn.Parameter]]:
     """The named parameters of ``network`` (default: the model's) that move: ``all``, one of the
-    family's named sets (``attention``, ``cross-attention-kv``), ``lora`` (the projections a fresh
+    family's named sets (``attention``, ``mucs``, ``cross-attention-kv``), ``lora`` (the projections a fresh
     adapter wraps), or those whose name matches a regular expression."""
     named = list((model.network if network is None else network).named_parameters())
     if which == "all":
@@ -110,8 +114,8 @@ class PerturbedCopy(NamedTuple):
 
     Attributes:
         network: the copy (eval mode, no gradients).
-        query_losses: the query's loss before each optimizer step; with a target change, also the
-            loss after the last step, so ``query_losses[-1] / query_losses[0]`` is the effect reached.
+        query_losses: the query's loss before each optimizer step; with a stopping rule (target
+            change, null stop), also the loss after the last step: the effect reached.
         steps: optimizer steps taken.
     """
 
@@ -138,7 +142,8 @@ def perturbed_copy(
     retain: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     null_loss: float | None = None,
 ) -> PerturbedCopy:
-    """A copy of the model's network after ``config.steps`` optimizer steps on the query.
+    """A copy of the model's network after ``config.steps`` optimizer steps on the query (at most
+    that many with a stopping rule).
 
     Args:
         model: the model; its network is copied, never modified.
@@ -171,11 +176,10 @@ def perturbed_copy(
         moving = [p for _, p in select_parameters(model, config.params, network)]
     for parameter in moving:
         parameter.requires_grad_(True)
-    optimizer = _OPTIMIZERS[config.optimizer](moving, lr=config.learning_rate)
+    optimizer = getattr(torch.optim, OPTIMIZERS[config.optimizer])(moving, lr=config.learning_rate)
     sign = 1.0 if config.direction == "descent" else -1.0
     generator = torch.Generator().manual_seed(seed)
     targeted = config.target_change is not None
-    stops_early = targeted or config.null_stop is not None
     bank = query_draws(model, query, config.draws_per_step, generator) if targeted else None
 
     def query_term() -> torch.Tensor:
@@ -195,11 +199,11 @@ def perturbed_copy(
         bar = tqdm(total=config.steps, disable=not progress, desc=f"perturbing ({config.direction})")
         while True:
             at_bound = steps == config.steps
-            if at_bound and not stops_early:
+            if at_bound and not config.stops_early:
                 break
             loss = query_term()
             history.append(loss.item())
-            if at_bound or (stops_early and done(history)):
+            if at_bound or (config.stops_early and done(history)):
                 break
             objective = sign * config.query_weight * loss
             if config.retain_batch:
@@ -211,9 +215,6 @@ def perturbed_copy(
             bar.update()
         bar.close()
     return PerturbedCopy(network.requires_grad_(False), history, steps)
-
-
-_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 def _retain_loss(model, network, retain, batch_size: int, generator: torch.Generator) -> torch.Tensor:

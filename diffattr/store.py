@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -198,7 +199,11 @@ class RunDirectory:
             raise DiffattrError(
                 f"{path}: cannot read this safetensors file ({error}); delete it to recompute"
             ) from None
-        if saved is None or with_defaults(AttributionConfig, json.loads(saved)) != settings:
+        try:
+            saved = None if saved is None else json.loads(saved)
+        except json.JSONDecodeError:
+            saved = None  # unreadable settings: recompute rather than trust the numbers
+        if not isinstance(saved, dict) or with_defaults(AttributionConfig, saved) != settings:
             return None
         return read_tensors(path)["reference"]
 
@@ -211,11 +216,14 @@ class RunDirectory:
         if not self.exists(NULL_LOSS_FILE):
             return None
         value = read_json(self.file(NULL_LOSS_FILE))
-        if not (isinstance(value, dict) and isinstance(value.get("null_loss"), float)):
+        number = value.get("null_loss") if isinstance(value, dict) else None
+        if not (
+            isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number) and number > 0
+        ):
             raise DiffattrError(
                 f'{self.file(NULL_LOSS_FILE)}: expected {{"null_loss": <number>}}; delete it to recompute'
             )
-        return value["null_loss"]
+        return float(number)
 
     def write_null_loss(self, value: float) -> None:
         write_json(self.file(NULL_LOSS_FILE), {"null_loss": value})

@@ -82,7 +82,8 @@ def train_denoiser(
         labels: ``(N,)`` class labels, ``(N, L, D)`` caption hidden states, or ``None``.
         parameters: the parameters that train (default: all; e.g. a LoRA adapter's).
         steps: optimizer steps; each draws ``batch_size`` images with replacement.
-        warmup: share of the steps over which the learning rate warms up.
+        warmup: share of the steps over which the learning rate warms up (at least two steps, at
+            most half of them).
         drop_conditions: share of the conditions replaced by ``empty_condition`` (the empty
             prompt's hidden states), so that classifier-free guidance works.
         prior: ``(images, labels)`` of which ``prior_batch_size`` more join every batch (prior

