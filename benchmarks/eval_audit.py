@@ -12,7 +12,6 @@ Data, model and audit are reused by a rerun with the same settings (the audit re
 """
 
 import argparse
-import importlib.util
 import itertools
 import json
 import shlex
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from zoo import script
 
 from diffattr import AttributionConfig, Attributor, AuditConfig, DiffusionModel, ScoringConfig
 from diffattr.data import ImageFolder, load_image
@@ -61,14 +61,6 @@ QUICK = {
     "sampling_steps": 25,
 }
 HEAVY = 20  # canaries with at least this many copies are the positives of the AUC
-
-
-def _script(name: str):
-    """Imports a script of ``scripts/`` (not a package): the data builder and the toy trainer."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _relative(path: Path) -> str:
@@ -112,7 +104,7 @@ def prepare(work: Path, settings: dict, *, quiet: bool) -> dict:
     timings = {}
     if not (work / "data" / "truth.json").is_file():
         start = time.perf_counter()
-        _script("make_audit_data").build(
+        script("make_audit_data").build(
             work / "data",
             **{key: settings[key] for key in ("per_class", "levels", "canaries_per_level", "heldout_per_class")},
             planted=settings["planted"],
@@ -122,7 +114,7 @@ def prepare(work: Path, settings: dict, *, quiet: bool) -> dict:
         timings["data_seconds"] = time.perf_counter() - start
     if not (work / "model" / "model_index.json").is_file():
         start = time.perf_counter()
-        train_toy = _script("train_toy")
+        train_toy = script("train_toy")
         training = train_toy.parse_args(
             ["--data", str(work / "data" / "train"), "--out", str(work / "model"), "--class-conditional"]
             + ["--steps", str(settings["train_steps"]), "--seed", str(settings["seed"])]

