@@ -31,7 +31,9 @@ SECTIONS = [
         "Customization with text: perturbation choices",
     ),
     ("zoo", "benchmarks/eval_zoo.py", "Every model of the zoo: planted duplicates, one model held out"),
+    ("counterfactual", "benchmarks/eval_counterfactual.py", "Counterfactual: retrain without each query's top-K"),
     ("audit", "benchmarks/eval_audit.py", "Memorization audit"),
+    ("zoo_audit", "benchmarks/eval_zoo_audit.py", "Memorization audit on every model of the zoo"),
     ("speed", "benchmarks/bench_speed.py", "Speed: Forward-INF vs D-TRAK"),
     ("memory", "benchmarks/bench_memory.py", "Memory: 1k vs 10k training images"),
 ]

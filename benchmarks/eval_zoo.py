@@ -12,8 +12,9 @@ A model's score of a method is the mean of its two top-1 rates.
 Forward-INF settings: the default, descent at lr 1e-3 (the setting that ranked all five queries of
 an unseen model first), perturbation by effect (``--target-change``: ascent until the query's loss
 is 2x and 5x, lr 1e-5; descent until it halves, lr 3e-5; at most 50 steps), and MUCS's recipe
-capped at 50 steps (``forward-inf[mucs (≤ 50 steps)|ratio]`` is its own score), each under every
-aggregation.
+capped at 50 steps (``forward-inf[mucs (≤ 50 steps)|ratio]`` is its own score), and AbU's (the
+default's ascent with an EWC penalty, ``--ewc-weight`` 1 and 100; its own score is ``loss``), each
+under every aggregation.
 
 Leave one model out: for each model, the Forward-INF setting with the best mean score over the
 *other* models is chosen, and its score on the held-out model is reported beside pixel ℓ2, TracIn
@@ -39,6 +40,7 @@ from diffattr.sampling import generate
 
 REPLICA_DISTANCE = 0.05
 SAMPLES, MAX_REPLICAS, TRAINING_QUERIES = 64, 8, 16
+QUERIES = [SAMPLES, MAX_REPLICAS, TRAINING_QUERIES, REPLICA_DISTANCE]
 FIXED_DAMPING = "dtrak[λ=0.01]"
 _replace = dataclasses.replace
 SETTINGS = [
@@ -66,6 +68,10 @@ SETTINGS = [
         ),
         label="mucs (≤ 50 steps)",
     ),
+    # AbU's recipe (Wang et al., NeurIPS 2024) on this engine: ascent on the query with an EWC
+    # penalty from the training loss's diagonal Fisher (mean 1), at two weights; its score is `loss`.
+    Setting(_replace(DEFAULT, ewc_weight=1.0)),
+    Setting(_replace(DEFAULT, ewc_weight=100.0)),
 ]
 
 
@@ -74,7 +80,9 @@ def parse_args():
     parser.add_argument("--models", default=",".join(zoo.RECIPES), help="comma-separated zoo models")
     parser.add_argument("--no-gradients", action="store_true", help="skip TracIn and D-TRAK")
     parser.add_argument(
-        "--reuse", action="store_true", help="reuse each model's scores saved by an earlier run (same script version)"
+        "--reuse",
+        action="store_true",
+        help="reuse each setting's results saved by an earlier run",
     )
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args()
@@ -104,7 +112,9 @@ def find_replicas(model, encodings, conditions, ids, *, progress):
     return samples[kept], chosen_labels, [group_of(ids[nearest.indices[s]]) for s in kept], kept
 
 
-def evaluate(member: zoo.Member, args) -> dict:
+def evaluate(member: zoo.Member, args, settings: list[Setting], gradient_methods: bool) -> dict:
+    """The top-1 rates of the given settings (and of pixel ℓ2, and with ``gradient_methods`` TracIn
+    and D-TRAK) on the member's replicas and training images."""
     model = DiffusionModel.from_pretrained(member.model, device="cpu")
     with tempfile.TemporaryDirectory() as run_dir:
         attributor = Attributor(model, member.train, run_dir, progress=False)
@@ -130,8 +140,8 @@ def evaluate(member: zoo.Member, args) -> dict:
         model,
         TrainingSet(encodings, conditions, ids),
         queries,
-        settings=SETTINGS,
-        gradient_methods=not args.no_gradients,
+        settings=settings,
+        gradient_methods=gradient_methods,
         progress=not args.quiet,
     )
     methods = {}
@@ -144,7 +154,37 @@ def evaluate(member: zoo.Member, args) -> dict:
         entry["score"] = sum(rates) / len(rates)
         entry["ranks"] = ranks.tolist()
         methods[name] = entry
-    return {"replicas": len(seeds), "training images": len(picked), "seconds": seconds, "methods": methods}
+    return {
+        "replicas": len(seeds),
+        "training images": len(picked),
+        "seconds": seconds,
+        "methods": methods,
+    }
+
+
+def _same_queries(saved: dict | None, made_by: dict) -> bool:
+    # Files of the first version name no queries: they were made with the same ones.
+    return saved is not None and saved.get("recipe") == made_by["recipe"] and saved.get("queries", QUERIES) == QUERIES
+
+
+def _merged(reused: dict | None, member: zoo.Member, args) -> dict:
+    """The member's results for SETTINGS (+ gradient methods): reused where saved, run where not."""
+    methods = reused["methods"] if reused else {}
+    missing = [s for s in SETTINGS if not any(m.startswith(f"forward-inf[{s.name()}|") for m in methods)]
+    gradients = not args.no_gradients and "tracin" not in methods
+    if reused and not missing and not gradients:
+        result = reused
+    else:
+        result = evaluate(member, args, missing, gradients)
+        if reused:
+            assert result["replicas"] == reused["replicas"], "the same model and seeds found other replicas"
+            result["methods"] = {**reused["methods"], **result["methods"]}
+            result["seconds"] = {**reused["seconds"], **result["seconds"]}
+    wanted = {f"forward-inf[{s.name()}|" for s in SETTINGS}
+    result["methods"] = {
+        n: e for n, e in result["methods"].items() if not n.startswith("forward-inf[") or n.startswith(tuple(wanted))
+    }
+    return result
 
 
 def choose_held_out(results: dict[str, dict]) -> dict[str, dict]:
@@ -174,21 +214,15 @@ def main(args):
     results = {}
     for name in args.models.split(","):
         member = zoo.prepare(name, quiet=args.quiet)
-        # Per model, so a failure later loses nothing; reused only for the same recipe and settings.
+        # Per model, so a failure later loses nothing; a setting's scores are reused only for the
+        # same recipe and queries, and only the settings (and gradient methods) missing are run.
         saved = zoo.WORK / f"eval-{name}.json"
-        made_by = {
-            "recipe": zoo.RECIPES[name],
-            "settings": [s.name() for s in SETTINGS],
-            "gradients": not args.no_gradients,
-        }
-        made_by = json.loads(json.dumps(made_by))  # as it reads back (tuples become lists)
+        made_by = json.loads(json.dumps({"recipe": zoo.RECIPES[name], "queries": QUERIES}))  # tuples read back as lists
         previous = json.loads(saved.read_text()) if args.reuse and saved.is_file() else {}
-        if previous.get("made_by") == made_by:
-            results[name] = previous["result"]
-        else:
-            results[name] = evaluate(member, args)
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            saved.write_text(json.dumps({"made_by": made_by, "result": results[name]}) + "\n")
+        reused = previous["result"] if _same_queries(previous.get("made_by"), made_by) else None
+        results[name] = _merged(reused, member, args)
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps({"made_by": made_by, "result": results[name]}) + "\n")
         print(f"{name}: {results[name]['replicas']} replicas found", flush=True)
     models = list(results)
     header = ["method", *[f"{m} (replicas / training images)" for m in models]]

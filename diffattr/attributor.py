@@ -292,8 +292,7 @@ class Attributor:
         object's attribution settings: computed once, saved with those settings, and reused only
         under the same ones."""
         if self._reference is None:
-            if self.attribution.null_stop is not None:
-                self.null_loss()  # the calibration's perturbations stop on it too: load or save it first
+            self._perturbation_inputs()  # the calibration's perturbations need them too: load or save them first
             settings = self.attribution.to_dict()
             self._reference = self.run.read_calibration(settings)
             if self._reference is None:
@@ -310,10 +309,31 @@ class Attributor:
                 self.run.write_null_loss(engine.null_loss())
         return engine.null_loss_value
 
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """AbU's Fisher of ``--ewc-weight`` (``Engine.fisher``): computed once per run directory and
+        setting of the moved parameters and images."""
+        engine = self.engine()
+        key = (self.attribution.params, self.attribution.fisher_images)
+        if key not in engine.fishers:
+            settings = {"params": key[0], "images": key[1]}
+            saved = self.run.read_fisher(settings)
+            if saved is None:
+                self.run.write_fisher(settings, engine.fisher(self.attribution))
+            else:
+                engine.fishers[key] = saved
+        return engine.fishers[key]
+
+    def _perturbation_inputs(self) -> None:
+        """Loads (or computes and saves) what this object's perturbations need besides the model."""
+        if self.attribution.null_stop is not None:
+            self.null_loss()
+        if self.attribution.ewc_weight:
+            self.fisher()
+
     def cache(self) -> torch.Tensor:
         """Computes (or loads) everything a query needs: encodings, the baseline loss matrix B and,
         for the ``calibrated`` aggregation, the calibration under this object's attribution
-        settings, and L_null for ``--null-stop``. The first query with those settings then costs
+        settings, L_null for ``--null-stop`` and F for ``--ewc-weight``. The first query with those settings then costs
         what every later query costs.
 
         Returns:
@@ -323,8 +343,7 @@ class Attributor:
             DiffattrError: the run directory holds results of another model, data set or grid.
         """
         baseline = self.baseline()
-        if self.attribution.null_stop is not None:
-            self.null_loss()
+        self._perturbation_inputs()
         if AGGREGATIONS[self.attribution.aggregation].needs_calibration:
             self.calibration()
         return baseline

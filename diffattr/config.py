@@ -121,6 +121,14 @@ class AttributionConfig(_JSONConfig):
         "reaches this fraction of it (MUCS: 0.95; one extra pass once per run)",
         value_type=float,
     )
+    ewc_weight: float = _field(
+        0.0,
+        "AbU's penalty weight λ: λ/2 Σ F_i (θ_i − θ*_i)² keeps the copy where the training set needs it, F the "
+        "diagonal Fisher of the training loss normalised to mean 1 (0: off; F computed once per run)",
+    )
+    fisher_images: int = _field(
+        256, "training images (one random timestep and noise each) estimating F of --ewc-weight"
+    )
     aggregation: str = _field("calibrated", "; ".join(f"{a.name}: {a.help}" for a in AGGREGATIONS.values()))
     calibration_images: int = _field(
         16, "R: training images whose perturbations calibrate the `calibrated` aggregation (once per run)"
@@ -152,6 +160,12 @@ class AttributionConfig(_JSONConfig):
         if self.null_stop is not None:
             _check(self.direction == "ascent", "null_stop", self.null_stop, "used with --direction ascent only")
             _check(0 < self.null_stop <= 1, "null_stop", self.null_stop, "in (0, 1]")
+        _check(self.ewc_weight >= 0, "ewc_weight", self.ewc_weight, "0 (off) or positive")
+        _check(self.fisher_images >= 1, "fisher_images", self.fisher_images, "at least 1")
+        if self.ewc_weight:
+            _check(
+                self.params != "lora", "params", self.params, "not lora with --ewc-weight (a fresh adapter has no θ*)"
+            )
         _check(self.calibration_images >= 2, "calibration_images", self.calibration_images, "at least 2")
         _check(bool(self.params), "params", self.params, "all, attention, cross-attention-kv, mucs, lora or a regex")
         try:
@@ -194,7 +208,11 @@ class AuditConfig(_JSONConfig):
     copy_tolerance: float = _field(
         0.02, "RMS pixel difference (pixels in [-1, 1]) up to which two training images are copies of each other"
     )
-    gap_timesteps: float = _field(1.0, "the loss gap averages grid timesteps below this fraction of T (1: all)")
+    gap_timesteps: float = _field(
+        0.5,
+        "the loss gap averages grid timesteps below this fraction of T (1: all; 0.5 kept AUC ≥ 0.97 for images "
+        "duplicated ≥ 8x on every zoo model, all t fell to 0.95 on faces: benchmarks/RESULTS.md)",
+    )
     replica_weight: float = _field(2.0, "score added to an image per doubling of the replicas attributed to it")
 
     def __post_init__(self):

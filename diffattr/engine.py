@@ -7,6 +7,7 @@ An :class:`Engine` holds one model, one training set (encodings, conditions, ids
 - :meth:`Engine.respond`: perturb a copy of the network on one image, then score every training
   image with the same noise — *the* loop, used by queries, by the calibration and by the
   evaluation protocols alike;
+- :meth:`Engine.null_loss`, :meth:`Engine.fisher`: what MUCS's stop and AbU's penalty need, once;
 - :meth:`Engine.calibration`: each training image's usual response to other images'
   perturbations (for the ``calibrated`` aggregation);
 - :meth:`Engine.score`: one query's scores under an aggregation.
@@ -26,9 +27,10 @@ from tqdm.auto import tqdm
 
 from .config import AttributionConfig
 from .denoisers import Denoiser
+from .fisher import diagonal_fisher
 from .losses import LossMatrix, loss_matrix
 from .noise import ScoringGrid, noise_key
-from .perturb import perturbed_copy
+from .perturb import perturbed_copy, select_parameters
 from .scoring import AGGREGATIONS, aggregate
 
 
@@ -78,8 +80,9 @@ def _in_memory(tensor) -> torch.Tensor:
     return tensor.load() if hasattr(tensor, "load") else tensor
 
 
-def calibration_indices(num_images: int, count: int) -> list[int]:
-    """``min(count, N)`` indices spread evenly over ``[0, N)`` (R above N uses every image once)."""
+def spread_indices(num_images: int, count: int) -> list[int]:
+    """``min(count, N)`` indices spread evenly over ``[0, N)`` (a count above N uses every image once):
+    the calibration's images and the Fisher's."""
     count = min(count, num_images)
     return [(2 * j + 1) * num_images // (2 * count) for j in range(count)]
 
@@ -101,6 +104,8 @@ class Engine:
         self.progress = progress
         self.null_loss_value: float | None = None  # L_null, once computed (or set from a cache)
         self._retain: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # AbU's F per (moved parameters, images), once computed (or set from a cache)
+        self.fishers: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     @property
     def ids(self) -> list[str]:
@@ -140,6 +145,24 @@ class Engine:
             untrained = self.model.untrained_network(seed=self.grid.seed)
             self.null_loss_value = self.losses(network=untrained, description="untrained loss").losses.mean().item()
         return self.null_loss_value
+
+    def fisher(self, config: AttributionConfig) -> dict[str, torch.Tensor]:
+        """AbU's diagonal Fisher of the training loss for the parameters ``config`` moves, on
+        ``config.fisher_images`` training images spread over the rows (one backward pass each, once)."""
+        key = (config.params, config.fisher_images)
+        if key not in self.fishers:
+            encodings, conditions = self._retain_set()
+            self.fishers[key] = diagonal_fisher(
+                self.model,
+                encodings,
+                conditions,
+                self.ids,
+                [name for name, _ in select_parameters(self.model, config.params)],
+                rows=spread_indices(len(self.ids), config.fisher_images),
+                seed=self.grid.seed,
+                progress=self.progress,
+            )
+        return self.fishers[key]
 
     def _retain_set(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The training set in memory, for a retain batch: random rows of sharded encodings would
@@ -181,6 +204,7 @@ class Engine:
             progress=progress,
             retain=self._retain_set() if config.retain_batch else None,
             null_loss=self.null_loss() if config.null_stop is not None else None,
+            fisher=self.fisher(config) if config.ewc_weight else None,
         )
         perturb_seconds = time.perf_counter() - start
         needs_change = with_prediction_change
@@ -206,7 +230,7 @@ class Engine:
         Returns:
             ``(N,)`` reference and the ``(R,)`` indices of the calibration images.
         """
-        indices = calibration_indices(len(self.ids), config.calibration_images)
+        indices = spread_indices(len(self.ids), config.calibration_images)
         responses = []
         for index in tqdm(indices, disable=not self.progress, desc="calibration"):
             condition = None if self.train.conditions is None else self.train.conditions[index : index + 1]

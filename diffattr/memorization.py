@@ -276,6 +276,20 @@ def auc(scores: torch.Tensor, positives: torch.Tensor) -> float:
     return (rank_sum - num_positive * (num_positive + 1) / 2) / (num_positive * num_negative)
 
 
+def tpr_at_fpr(scores: torch.Tensor, positives: torch.Tensor, fpr: float = 0.01) -> float:
+    """The fraction of positives flagged by the strictest threshold that flags at most ``fpr`` of the
+    negatives (a positive tied with the threshold is not flagged): the membership-inference
+    literature's operating point. ``(N,), (N,) → float``."""
+    scores, positives = scores.double().flatten(), positives.bool().flatten()
+    negatives = torch.sort(scores[~positives], descending=True).values
+    if positives.sum() == 0 or len(negatives) == 0:
+        raise ValueError("TPR at an FPR needs at least one positive and one negative")
+    allowed = int(fpr * len(negatives))  # negatives that may lie above the threshold
+    if allowed >= len(negatives):
+        return 1.0
+    return (scores[positives] > negatives[allowed]).double().mean().item()
+
+
 def precision_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float:
     """Fraction of positives among the k highest scores (ties by the lower index)."""
     if not 1 <= k <= len(scores):

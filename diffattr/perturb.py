@@ -10,7 +10,8 @@ on a 0.7M-parameter UNet and on a 900M one; a learning rate does not.
 
 MUCS (Sony, 2026) is the same loop with three switches: a retain batch of training images that the
 copy keeps descending on, a weight λ on the query's term, and its stop (the query's loss clamped
-at, and stopping near, an untrained model's loss L_null).
+at, and stopping near, an untrained model's loss L_null). AbU (Wang et al., NeurIPS 2024) is the
+loop with an EWC penalty from the training loss's diagonal Fisher (``fisher.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .config import OPTIMIZERS, AttributionConfig
 from .denoisers import Denoiser, LatentTextUNet
 from .errors import DiffattrError
+from .fisher import ewc_penalty
 from .losses import denoising_loss
 
 _LORA_ADAPTER = "diffattr_query"
@@ -141,6 +143,7 @@ def perturbed_copy(
     progress: bool = False,
     retain: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     null_loss: float | None = None,
+    fisher: dict[str, torch.Tensor] | None = None,
 ) -> PerturbedCopy:
     """A copy of the model's network after ``config.steps`` optimizer steps on the query (at most
     that many with a stopping rule).
@@ -155,6 +158,7 @@ def perturbed_copy(
         progress: show a progress bar.
         retain: ``(encodings, conditions)`` of the training set, for ``config.retain_batch``.
         null_loss: an untrained network's mean loss, for ``config.null_stop``.
+        fisher: ``{parameter name: F}`` (``fisher.diagonal_fisher``), for ``config.ewc_weight``.
 
     Returns:
         The copy and its query losses and step count (:class:`PerturbedCopy`). With
@@ -163,17 +167,23 @@ def perturbed_copy(
         With ``config.null_stop`` (MUCS) each draw's loss is clamped at ``null_loss`` and the steps
         stop once their mean reaches that fraction of it. With ``config.retain_batch`` every step
         also descends on that many random training images (MUCS's retain term), and the query's
-        term is weighted by ``config.query_weight``.
+        term is weighted by ``config.query_weight``. With ``config.ewc_weight`` (AbU) every step
+        also pays ``ewc_weight · ½ Σ F (θ − θ*)²`` for leaving the model's weights θ*.
     """
     if config.retain_batch and retain is None:
         raise ValueError("config.retain_batch needs the training set (retain=)")
     if config.null_stop is not None and null_loss is None:
         raise ValueError("config.null_stop needs the untrained model's loss (null_loss=)")
+    if config.ewc_weight and fisher is None:
+        raise ValueError("config.ewc_weight needs the Fisher (fisher=)")
     network = copy.deepcopy(model.network)
     if config.params == "lora":
         moving = _add_lora(model, network, config.lora_rank)
+        named = []
     else:
-        moving = [p for _, p in select_parameters(model, config.params, network)]
+        named = select_parameters(model, config.params, network)
+        moving = [p for _, p in named]
+    anchor = {name: p.detach().clone() for name, p in named} if config.ewc_weight else None
     for parameter in moving:
         parameter.requires_grad_(True)
     optimizer = getattr(torch.optim, OPTIMIZERS[config.optimizer])(moving, lr=config.learning_rate)
@@ -208,6 +218,8 @@ def perturbed_copy(
             objective = sign * config.query_weight * loss
             if config.retain_batch:
                 objective = objective + _retain_loss(model, network, retain, config.retain_batch, generator)
+            if config.ewc_weight:
+                objective = objective + config.ewc_weight * ewc_penalty(named, anchor, fisher)
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()

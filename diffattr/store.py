@@ -8,6 +8,8 @@
 <run-dir>/calibration.safetensors   "reference" (N,), "indices" (R,): the `calibrated` aggregation's reference,
                                     with the attribution settings it holds for in its metadata
 <run-dir>/null_loss.json            {"null_loss": L_null}: an untrained network's mean loss (--null-stop only)
+<run-dir>/fisher-<hash>.safetensors  {parameter name: F}: AbU's diagonal Fisher (--ewc-weight only), per
+                                    (moved parameters, images), with those settings in its metadata
 <run-dir>/methods/<method>-<hash>.safetensors  "features": a baseline's training features, per setting
 <run-dir>/queries/<query-id>/result.json       query, top-k, config, timings
 <run-dir>/queries/<query-id>/scores.safetensors "scores" (N,), "deltas" (N, K), "after" (N, K)
@@ -43,6 +45,7 @@ CALIBRATION_FILE = "calibration.safetensors"
 NULL_LOSS_FILE = "null_loss.json"
 QUERIES_DIR = "queries"
 METHODS_DIR = "methods"
+FISHER_PREFIX = "fisher"
 RESULT_FILE = "result.json"
 SCORES_FILE = "scores.safetensors"
 QUERY_IMAGE_FILE = "query.png"
@@ -228,18 +231,28 @@ class RunDirectory:
     def write_null_loss(self, value: float) -> None:
         write_json(self.file(NULL_LOSS_FILE), {"null_loss": value})
 
-    def _features_file(self, method: str, settings: dict) -> Path:
+    def _per_setting_file(self, stem: str, settings: dict) -> Path:
+        """``<stem>-<hash of the settings>.safetensors``: one file per setting, never another's."""
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        return self.file(f"{METHODS_DIR}/{method}-{digest}.safetensors")
+        return self.file(f"{stem}-{digest}.safetensors")
 
     def read_features(self, method: str, settings: dict) -> torch.Tensor | None:
         """A baseline's training features saved under exactly these settings, else ``None``."""
-        path = self._features_file(method, settings)
+        path = self._per_setting_file(f"{METHODS_DIR}/{method}", settings)
         return read_tensors(path)["features"] if path.is_file() else None
 
     def write_features(self, method: str, settings: dict, features: torch.Tensor) -> None:
         metadata = {"settings": json.dumps(settings)}
-        write_tensors(self._features_file(method, settings), {"features": features}, metadata=metadata)
+        path = self._per_setting_file(f"{METHODS_DIR}/{method}", settings)
+        write_tensors(path, {"features": features}, metadata=metadata)
+
+    def read_fisher(self, settings: dict) -> dict[str, torch.Tensor] | None:
+        """AbU's Fisher saved under exactly these settings (moved parameters, images), else ``None``."""
+        path = self._per_setting_file(FISHER_PREFIX, settings)
+        return read_tensors(path) if path.is_file() else None
+
+    def write_fisher(self, settings: dict, fisher: dict[str, torch.Tensor]) -> None:
+        write_tensors(self._per_setting_file(FISHER_PREFIX, settings), fisher, {"settings": json.dumps(settings)})
 
     # -- per-query results -----------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from diffattr.memorization import (
     precision_at_k,
     reference_distance,
     timestep_weights,
+    tpr_at_fpr,
     within_distance,
 )
 from diffattr.store import read_json
@@ -111,6 +112,16 @@ def test_auc_and_precision_at_k():
     assert auc(torch.tensor([3.0, 2.0, 1.0, 0.0]), torch.tensor([1, 1, 0, 0])) == 1.0
     assert auc(torch.tensor([0.0, 1.0]), torch.tensor([1, 0])) == 0.0
     assert auc(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1, 0, 0])) == 0.5  # ties count half
+
+
+def test_tpr_at_fpr_allows_that_fraction_of_negatives_above_the_threshold():
+    negatives = torch.arange(100.0)  # 0 … 99
+    positives = torch.tensor([99.5, 98.5, 50.0, 200.0])
+    scores, truth = torch.cat([positives, negatives]), torch.tensor([1] * 4 + [0] * 100)
+    # 1 % of 100 negatives: one (99) may be flagged; the threshold is the next one, 98.
+    assert tpr_at_fpr(scores, truth, 0.01) == 0.75
+    assert tpr_at_fpr(scores, truth, 0.0) == 0.5  # above every negative: 99.5 and 200
+    assert tpr_at_fpr(torch.tensor([1.0, 1.0]), torch.tensor([1, 0]), 0.0) == 0.0  # a tie is not flagged
     generator = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (40,), generator=generator).float()
     positives = torch.rand(40, generator=generator) < 0.3

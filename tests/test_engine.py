@@ -6,7 +6,7 @@ import torch
 from diffattr import AttributionConfig, Attributor, DiffusionModel, ImageFolder, ScoringConfig
 from diffattr.data import load_image
 from diffattr.demo import toy_paths
-from diffattr.engine import Engine, Queries, TrainingSet, calibration_indices
+from diffattr.engine import Engine, Queries, TrainingSet, spread_indices
 from diffattr.noise import ScoringGrid
 
 CONFIG = AttributionConfig(steps=2, draws_per_step=4, calibration_images=3)
@@ -55,7 +55,7 @@ def test_query_scores_are_the_responses_scored(engine):
 def test_calibration_is_the_median_response_to_other_images(engine):
     baseline = engine.baseline()
     reference, indices = engine.calibration(CONFIG, baseline)
-    assert indices.tolist() == calibration_indices(len(engine.ids), 3) == [2, 6, 10]
+    assert indices.tolist() == spread_indices(len(engine.ids), 3) == [2, 6, 10]
     responses = []
     for index in indices.tolist():
         after = engine.respond(engine.train.encodings[index], None, "calibration:" + engine.ids[index], CONFIG)
@@ -63,9 +63,9 @@ def test_calibration_is_the_median_response_to_other_images(engine):
     assert torch.equal(reference, torch.stack(responses).median(0).values)
 
 
-def test_calibration_indices_cover_small_sets_once():
-    assert calibration_indices(4, 16) == [0, 1, 2, 3]
-    assert len(set(calibration_indices(1000, 16))) == 16
+def test_spread_indices_cover_small_sets_once():
+    assert spread_indices(4, 16) == [0, 1, 2, 3]
+    assert len(set(spread_indices(1000, 16))) == 16
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,16 @@ def test_a_training_image_used_as_query_is_top_1_on_the_toy_model(toy_engine):
     config = AttributionConfig(aggregation="loss")
     (scores,) = toy_engine.query_scores(queries, config, baseline=toy_engine.baseline(), aggregations=["loss"]).values()
     assert scores.argmax(1).tolist() == picked
+
+
+def test_abu_ranks_a_training_image_used_as_query_first_on_the_toy_model(toy_engine):
+    # AbU: the default ascent with the EWC penalty (F on the slice itself, once per engine), score `loss`.
+    picked = [3, 31, 52]
+    queries = Queries(toy_engine.train.encodings[picked], None, [f"q{i}" for i in picked])
+    config = AttributionConfig(aggregation="loss", ewc_weight=100.0, fisher_images=30)
+    (scores,) = toy_engine.query_scores(queries, config, baseline=toy_engine.baseline(), aggregations=["loss"]).values()
+    assert scores.argmax(1).tolist() == picked
+    assert set(toy_engine.fishers) == {("all", 30)}
 
 
 def test_the_null_loss_is_an_untrained_networks_loss(toy_engine, monkeypatch):

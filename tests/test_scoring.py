@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffattr.engine import calibration_indices
+from diffattr.engine import spread_indices
 from diffattr.scoring import (
     AGGREGATIONS,
     aggregate,
@@ -62,9 +62,9 @@ def test_calibrated_delta_divides_by_each_images_usual_response():
         aggregate("calibrated", baseline=BASELINE, after=AFTER, direction="ascent")
 
 
-def test_calibration_indices_spread_over_the_ids():
-    assert calibration_indices(720, 8) == [45, 135, 225, 315, 405, 495, 585, 675]
-    assert calibration_indices(3, 8) == [0, 1, 2]
+def test_spread_indices_spread_over_the_ids():
+    assert spread_indices(720, 8) == [45, 135, 225, 315, 405, 495, 585, 675]
+    assert spread_indices(3, 8) == [0, 1, 2]
 
 
 def test_prediction_change_is_unsigned_and_normalised():

@@ -1,0 +1,85 @@
+"""AbU's elastic-weight-consolidation penalty: a diagonal Fisher of the training loss, and the
+penalty that keeps a perturbed copy near the model where the training set needs it.
+
+Attribution by Unlearning (Wang et al., NeurIPS 2024) unlearns the query while an EWC penalty
+(Kirkpatrick et al., 2017) ``λ/2 · Σ_i F_i (θ_i − θ*_i)²`` protects what the rest of the training set
+relies on, so that the images whose loss rises are the query's own influences rather than the
+images that move under any perturbation. ``F`` is the diagonal empirical Fisher: the mean over
+training images of each parameter's squared loss gradient.
+
+Here ``F`` is normalised to mean 1 over the parameters that move, so λ weighs the penalty
+against the query's loss whatever the model's loss scale or size. Each training image contributes
+one (timestep, noise) draw, a pure function of the run seed and its id (not of its position).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .denoisers import Denoiser
+from .losses import denoising_loss
+from .noise import noise_key
+
+
+def diagonal_fisher(
+    model: Denoiser,
+    encodings: torch.Tensor,
+    conditions: torch.Tensor | None,
+    ids: list[str],
+    names: list[str],
+    *,
+    rows: list[int],
+    seed: int,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The diagonal empirical Fisher of the training loss for the named parameters, mean 1.
+
+    Args:
+        encodings: ``(N, C, H, W)`` training encodings; ``conditions`` ``(N, ...)`` or ``None``.
+        ids: training ids (they seed each image's draw).
+        names: the parameters of ``model.network`` to estimate it for.
+        rows: the training images (row indices) it is estimated on.
+        seed: the run seed.
+
+    Returns:
+        ``{name: F}`` with each ``F`` shaped like its parameter, float32 on the CPU.
+    """
+    network = model.network
+    parameters = dict(network.named_parameters())
+    chosen = [parameters[name] for name in names]
+    squares = [torch.zeros_like(p, dtype=torch.float32) for p in chosen]
+    flags = [p.requires_grad for p in network.parameters()]
+    network.requires_grad_(False)
+    for p in chosen:
+        p.requires_grad_(True)
+    generator = torch.Generator()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for row in tqdm(rows, disable=not progress, desc="fisher"):
+                generator.manual_seed(noise_key(seed, "fisher:" + ids[row]))
+                t = torch.randint(0, model.num_train_timesteps, (1,), generator=generator)
+                clean = encodings[row : row + 1].to(model.device)
+                noise = torch.randn(clean.shape, generator=generator).to(model.device)
+                condition = None if conditions is None else conditions[row : row + 1].to(model.device)
+                loss = denoising_loss(model, clean, noise, t.to(model.device), condition).loss.mean()
+                gradients = torch.autograd.grad(loss, chosen)
+                for square, gradient in zip(squares, gradients):
+                    square += gradient.float().pow(2).cpu()
+    finally:
+        for p, flag in zip(network.parameters(), flags):
+            p.requires_grad_(flag)
+    total = sum(square.sum() for square in squares)
+    count = sum(square.numel() for square in squares)
+    mean = (total / count).clamp_min(torch.finfo(torch.float32).tiny)
+    return {name: square / mean for name, square in zip(names, squares)}
+
+
+def ewc_penalty(
+    moving: list[tuple[str, torch.nn.Parameter]], anchor: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``½ Σ_i F_i (θ_i − θ*_i)²`` over the moving parameters (``anchor``: the model's θ*)."""
+    terms = [
+        (fisher[name].to(p.device, p.dtype) * (p - anchor[name]).pow(2)).sum() for name, p in moving if name in fisher
+    ]
+    return 0.5 * torch.stack(terms).sum()
