@@ -179,7 +179,9 @@ def _merged(reused: dict | None, member: zoo.Member, args) -> dict:
         if reused:
             assert result["replicas"] == reused["replicas"], "the same model and seeds found other replicas"
             result["methods"] = {**reused["methods"], **result["methods"]}
-            result["seconds"] = {**reused["seconds"], **result["seconds"]}
+            # Forward-INF's seconds add up over the runs that computed its settings.
+            spent = result["seconds"].get("forward-inf", 0.0) + reused["seconds"].get("forward-inf", 0.0)
+            result["seconds"] = {**reused["seconds"], **result["seconds"], "forward-inf": spent}
     wanted = {f"forward-inf[{s.name()}|" for s in SETTINGS}
     result["methods"] = {
         n: e for n, e in result["methods"].items() if not n.startswith("forward-inf[") or n.startswith(tuple(wanted))
