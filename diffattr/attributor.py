@@ -313,7 +313,7 @@ class Attributor:
         """AbU's Fisher of ``--ewc-weight`` (``Engine.fisher``): computed once per run directory and
         setting of the moved parameters and images."""
         engine = self.engine()
-        key = (self.attribution.params, self.attribution.fisher_images)
+        key = engine.fisher_key(self.attribution)
         if key not in engine.fishers:
             settings = {"params": key[0], "images": key[1]}
             saved = self.run.read_fisher(settings)
@@ -333,8 +333,8 @@ class Attributor:
     def cache(self) -> torch.Tensor:
         """Computes (or loads) everything a query needs: encodings, the baseline loss matrix B and,
         for the ``calibrated`` aggregation, the calibration under this object's attribution
-        settings, L_null for ``--null-stop`` and F for ``--ewc-weight``. The first query with those settings then costs
-        what every later query costs.
+        settings, L_null for ``--null-stop`` and F for ``--ewc-weight``. The first query with those
+        settings then costs what every later query costs.
 
         Returns:
             ``(N, K)`` baseline losses, rows in the order of ``ids``.

@@ -146,16 +146,21 @@ class Engine:
             self.null_loss_value = self.losses(network=untrained, description="untrained loss").losses.mean().item()
         return self.null_loss_value
 
+    @staticmethod
+    def fisher_key(config: AttributionConfig) -> tuple[str, int]:
+        """What AbU's F depends on besides the model, training set and seed: the moved parameters
+        and the images it is estimated on (the key of :attr:`fishers`)."""
+        return config.params, config.fisher_images
+
     def fisher(self, config: AttributionConfig) -> dict[str, torch.Tensor]:
         """AbU's diagonal Fisher of the training loss for the parameters ``config`` moves, on
         ``config.fisher_images`` training images spread over the rows (one backward pass each, once)."""
-        key = (config.params, config.fisher_images)
+        key = self.fisher_key(config)
         if key not in self.fishers:
-            encodings, conditions = self._retain_set()
             self.fishers[key] = diagonal_fisher(
                 self.model,
-                encodings,
-                conditions,
+                self.train.encodings,  # row slices: a sharded set reads only the shards it needs
+                self.train.conditions,
                 self.ids,
                 [name for name, _ in select_parameters(self.model, config.params)],
                 rows=spread_indices(len(self.ids), config.fisher_images),

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .denoisers import Denoiser
-from .losses import denoising_loss
+from .losses import denoising_loss, gradients_of
 from .noise import noise_key
 
 
@@ -45,30 +45,20 @@ def diagonal_fisher(
     Returns:
         ``{name: F}`` with each ``F`` shaped like its parameter, float32 on the CPU.
     """
-    network = model.network
-    parameters = dict(network.named_parameters())
+    parameters = dict(model.network.named_parameters())
     chosen = [parameters[name] for name in names]
     squares = [torch.zeros_like(p, dtype=torch.float32) for p in chosen]
-    flags = [p.requires_grad for p in network.parameters()]
-    network.requires_grad_(False)
-    for p in chosen:
-        p.requires_grad_(True)
     generator = torch.Generator()
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            for row in tqdm(rows, disable=not progress, desc="fisher"):
-                generator.manual_seed(noise_key(seed, "fisher:" + ids[row]))
-                t = torch.randint(0, model.num_train_timesteps, (1,), generator=generator)
-                clean = encodings[row : row + 1].to(model.device)
-                noise = torch.randn(clean.shape, generator=generator).to(model.device)
-                condition = None if conditions is None else conditions[row : row + 1].to(model.device)
-                loss = denoising_loss(model, clean, noise, t.to(model.device), condition).loss.mean()
-                gradients = torch.autograd.grad(loss, chosen)
-                for square, gradient in zip(squares, gradients):
-                    square += gradient.float().pow(2).cpu()
-    finally:
-        for p, flag in zip(network.parameters(), flags):
-            p.requires_grad_(flag)
+    with gradients_of(chosen):
+        for row in tqdm(rows, disable=not progress, desc="fisher"):
+            generator.manual_seed(noise_key(seed, "fisher:" + ids[row]))
+            t = torch.randint(0, model.num_train_timesteps, (1,), generator=generator)
+            clean = encodings[row : row + 1].to(model.device)
+            noise = torch.randn(clean.shape, generator=generator).to(model.device)
+            condition = None if conditions is None else conditions[row : row + 1].to(model.device)
+            loss = denoising_loss(model, clean, noise, t.to(model.device), condition).loss.mean()
+            for square, gradient in zip(squares, torch.autograd.grad(loss, chosen)):
+                square += gradient.float().pow(2).cpu()
     total = sum(square.sum() for square in squares)
     count = sum(square.numel() for square in squares)
     mean = (total / count).clamp_min(torch.finfo(torch.float32).tiny)
@@ -78,8 +68,6 @@ def diagonal_fisher(
 def ewc_penalty(
     moving: list[tuple[str, torch.nn.Parameter]], anchor: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]
 ) -> torch.Tensor:
-    """``½ Σ_i F_i (θ_i − θ*_i)²`` over the moving parameters (``anchor``: the model's θ*)."""
-    terms = [
-        (fisher[name].to(p.device, p.dtype) * (p - anchor[name]).pow(2)).sum() for name, p in moving if name in fisher
-    ]
-    return 0.5 * torch.stack(terms).sum()
+    """``½ Σ_i F_i (θ_i − θ*_i)²`` over the moving parameters (``anchor``: the model's θ*; ``anchor``
+    and ``fisher`` on the parameters' device and dtype, every moving parameter in both)."""
+    return 0.5 * torch.stack([(fisher[name] * (p - anchor[name]).pow(2)).sum() for name, p in moving]).sum()

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .config import GradientConfig
 from .denoisers import Denoiser
-from .losses import denoising_loss
+from .losses import denoising_loss, gradients_of
 from .noise import draw_noise, noise_key
 from .perturb import select_parameters
 
@@ -114,23 +114,17 @@ def projected_gradients(
     grid = timesteps.to(device)
     features = torch.empty(len(images), config.projection_dim)
     flat = torch.empty(min(batch_size, len(images)), num_params, device=device)
-    with torch.inference_mode(False), torch.enable_grad():
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc=description):
-                stop = min(start + batch_size, len(images))
-                for row, i in enumerate(range(start, stop)):
-                    keys = [noise_key(seed, names[i], k, 0) for k in range(len(grid))]
-                    noise = draw_noise(keys, images.shape[1:]).to(device)
-                    condition = None if conditions is None else conditions[i].to(device)
-                    value = _scalar_function(model, images[i].to(device), condition, noise, grid, function)
-                    grads = torch.autograd.grad(value, params)
-                    flat[row] = torch.cat([g.reshape(-1) for g in grads])
-                features[start:stop] = projector(flat[: stop - start]).cpu()
-        finally:
-            for p in params:
-                p.requires_grad_(False)
+    with gradients_of(params):
+        for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc=description):
+            stop = min(start + batch_size, len(images))
+            for row, i in enumerate(range(start, stop)):
+                keys = [noise_key(seed, names[i], k, 0) for k in range(len(grid))]
+                noise = draw_noise(keys, images.shape[1:]).to(device)
+                condition = None if conditions is None else conditions[i].to(device)
+                value = _scalar_function(model, images[i].to(device), condition, noise, grid, function)
+                grads = torch.autograd.grad(value, params)
+                flat[row] = torch.cat([g.reshape(-1) for g in grads])
+            features[start:stop] = projector(flat[: stop - start]).cpu()
     return features
 
 

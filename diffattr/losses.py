@@ -10,6 +10,8 @@ the same whatever batch, subset or process it lands in. What the numbers mean li
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,6 +20,21 @@ from tqdm.auto import tqdm
 
 from .denoisers import Denoiser
 from .noise import ScoringGrid, draw_noise, noise_key
+
+
+@contextmanager
+def gradients_of(parameters: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Gradients of these parameters of a frozen model inside the block (also inside a caller's
+    ``no_grad`` or inference mode); their ``requires_grad`` is restored after it."""
+    flags = [p.requires_grad for p in parameters]
+    with torch.inference_mode(False), torch.enable_grad():
+        for p in parameters:
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for p, flag in zip(parameters, flags):
+                p.requires_grad_(flag)
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

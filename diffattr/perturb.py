@@ -183,7 +183,9 @@ def perturbed_copy(
     else:
         named = select_parameters(model, config.params, network)
         moving = [p for _, p in named]
-    anchor = {name: p.detach().clone() for name, p in named} if config.ewc_weight else None
+    if config.ewc_weight:  # θ* and F where the steps run, once rather than on every step
+        anchor = {name: p.detach().clone() for name, p in named}
+        fisher = {name: fisher[name].to(p.device, p.dtype) for name, p in named}
     for parameter in moving:
         parameter.requires_grad_(True)
     optimizer = getattr(torch.optim, OPTIMIZERS[config.optimizer])(moving, lr=config.learning_rate)
