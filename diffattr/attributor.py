@@ -481,7 +481,10 @@ class Attributor:
         pixels = torch.stack([q.pixels for q in queries])
         images = pixels if scorer.space == "pixels" else self.model.encode(pixels.to(self.model.device))
         conditions = None if queries[0].conditions is None else torch.cat([q.conditions for q in queries])
-        features = scorer.featurise(images, conditions, ["query:" + q for q in query_ids], description="queries")
+        # The query's noise depends on the query alone, not on the method's settings (a λ sweep
+        # compares one set of query features).
+        names = ["query:" + query_id_for(q.path, q.condition) for q in queries]
+        features = scorer.featurise(images, conditions, names, description="queries")
         scores = scorer.scores(features, train)
         score_seconds = (time.perf_counter() - start) / len(queries)
         config = {"scoring": self.run_config(with_attribution=False)["scoring"], **settings}

@@ -183,10 +183,16 @@ class GradientConfig(_JSONConfig):
         1e-2, "D-TRAK's λ as a multiple of the mean eigenvalue of ΦᵀΦ (inf: plain projected dot product)"
     )
     gradient_params: str = _field("all", "UNet parameters whose gradients are used: all, attention, or a regex")
+    projection: str = _field(
+        "gaussian",
+        "gaussian: dense N(0, 1/d) projection (TRAK's); sparse: a CountSketch, O(p) instead of O(p·d) per gradient "
+        "(for large UNets); both generated block by block from the seed",
+    )
 
     def __post_init__(self):
         _check(self.projection_dim >= 1, "projection_dim", self.projection_dim, "at least 1")
         _check(self.damping > 0, "damping", self.damping, "positive (inf for no kernel)")
+        _check(self.projection in ("gaussian", "sparse"), "projection", self.projection, "gaussian or sparse")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Both methods featurise every image by the gradient of one scalar function of the model, averaged
 over the run's timestep grid with the run's own noise (common random numbers), then projected to
-``d`` dimensions with a seeded Gaussian matrix (Johnson–Lindenstrauss: inner products survive):
+``d`` dimensions with a seeded random matrix (Johnson–Lindenstrauss: inner products survive), made
+block by block from its seed and never held whole past a memory budget (:class:`Projector`):
 
 - **TracIn** (Pruthi et al. 2020, one checkpoint): ``f`` = the denoising loss;
   ``score(q, i) = φ_q · φ_i``.
@@ -32,37 +33,84 @@ from .perturb import select_parameters
 _FUNCTIONS = {"tracin": "loss", "dtrak": "square"}
 
 
-class Projector:
-    """A seeded ``(p, d)`` Gaussian projection scaled by 1/√d, applied chunk by chunk.
+# Projection blocks are kept in memory up to this many bytes; past it they are regenerated from
+# their seeds on every call (the same values): memory stays flat in the number of parameters.
+PROJECTION_CACHE_BYTES = 1 << 30
+# Rows of flattened per-example gradients held at once, in bytes (at least one row).
+GRADIENT_BUFFER_BYTES = 1 << 30
 
-    The matrix is generated once, in chunks of rows, each from its own seed, so its values do not
-    depend on the chunking; memory is ``p × d`` floats.
+
+class Projector:
+    """A seeded random projection ``(p,) → (d,)`` that preserves inner products in expectation,
+    applied block by block over the parameter axis; block ``b`` comes from its own seed, so the
+    values depend neither on the block size nor on whether a block was kept or regenerated.
+
+    Kinds:
+        ``gaussian``: a dense ``(p, d)`` matrix of N(0, 1/d) entries (TRAK's and D-TRAK's).
+        ``sparse``: a CountSketch (sparse Johnson–Lindenstrauss with one non-zero per input
+            coordinate): coordinate i adds ``±g_i`` to one of the d outputs. O(p) work and memory per
+            gradient instead of O(p·d): what makes the baselines run on an SD-size UNet on a CPU.
     """
 
-    def __init__(self, num_params: int, dim: int, *, seed: int, device: torch.device, chunk: int = 1 << 16):
-        self.dim = dim
-        self.chunks = []
-        generator = torch.Generator()
-        for start in range(0, num_params, chunk):
-            rows = min(chunk, num_params - start)
-            generator.manual_seed(noise_key(seed, "projection", start))
-            block = torch.randn(rows, dim, generator=generator) / math.sqrt(dim)
-            self.chunks.append(block.to(device))
+    KINDS = ("gaussian", "sparse")
+
+    def __init__(
+        self,
+        num_params: int,
+        dim: int,
+        *,
+        seed: int,
+        device: torch.device,
+        kind: str = "gaussian",
+        chunk: int = 1 << 16,
+        max_cached_bytes: int = PROJECTION_CACHE_BYTES,
+    ):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown projection {kind!r}; known: {self.KINDS}")
+        self.num_params, self.dim, self.seed, self.device, self.kind, self.chunk = (
+            num_params,
+            dim,
+            seed,
+            device,
+            kind,
+            chunk,
+        )
+        bytes_per_row = 4 * dim if kind == "gaussian" else 9  # int64 bucket + int8 sign
+        self.cached = num_params * bytes_per_row <= max_cached_bytes
+        starts = range(0, num_params, chunk)
+        self._blocks = [self._block(start) for start in starts] if self.cached else None
+
+    def _block(self, start: int):
+        rows = min(self.chunk, self.num_params - start)
+        generator = torch.Generator().manual_seed(noise_key(self.seed, "projection", start))
+        if self.kind == "gaussian":
+            return (torch.randn(rows, self.dim, generator=generator) / math.sqrt(self.dim)).to(self.device)
+        buckets = torch.randint(self.dim, (rows,), generator=generator)
+        signs = torch.randint(2, (rows,), generator=generator, dtype=torch.int8) * 2 - 1
+        return buckets.to(self.device), signs.to(self.device)
+
+    def blocks(self):
+        """``(start, block)`` pairs in order, kept or regenerated."""
+        for index, start in enumerate(range(0, self.num_params, self.chunk)):
+            yield start, (self._blocks[index] if self.cached else self._block(start))
 
     def __call__(self, gradients: torch.Tensor) -> torch.Tensor:
         """``(B, p)`` → ``(B, d)``."""
-        out, start = None, 0
-        for block in self.chunks:
-            part = gradients[:, start : start + block.shape[0]] @ block
-            out = part if out is None else out + part
-            start += block.shape[0]
+        out = torch.zeros(gradients.shape[0], self.dim, device=gradients.device)
+        for start, block in self.blocks():
+            if self.kind == "gaussian":
+                out += gradients[:, start : start + block.shape[0]] @ block
+            else:
+                buckets, signs = block
+                part = gradients[:, start : start + len(buckets)] * signs
+                out.index_add_(1, buckets, part)
         return out
 
 
 @functools.lru_cache(maxsize=1)
-def _projector(num_params: int, dim: int, seed: int, device: torch.device) -> Projector:
-    """The last projection made, kept: queries reuse the training set's (``p × d`` floats of memory)."""
-    return Projector(num_params, dim, seed=seed, device=device)
+def _projector(num_params: int, dim: int, seed: int, device: torch.device, kind: str) -> Projector:
+    """The last projection made, kept: queries reuse the training set's."""
+    return Projector(num_params, dim, seed=seed, device=device, kind=kind)
 
 
 def _scalar_function(
@@ -110,10 +158,11 @@ def projected_gradients(
     device = model.device
     params = [p for _, p in select_parameters(model, config.gradient_params)]
     num_params = sum(p.numel() for p in params)
-    projector = _projector(num_params, config.projection_dim, seed, device)
+    projector = _projector(num_params, config.projection_dim, seed, device, config.projection)
     grid = timesteps.to(device)
     features = torch.empty(len(images), config.projection_dim)
-    flat = torch.empty(min(batch_size, len(images)), num_params, device=device)
+    batch_size = max(1, min(batch_size, len(images), GRADIENT_BUFFER_BYTES // (4 * num_params)))
+    flat = torch.empty(batch_size, num_params, device=device)
     with gradients_of(params):
         for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc=description):
             stop = min(start + batch_size, len(images))

@@ -53,6 +53,14 @@ def test_planted_duplicate_is_top1_and_scores_are_deterministic(tmp_path, tiny_m
     assert method in first.query_id and (folder / "result.json").is_file() and (folder / "query.png").is_file()
 
 
+def test_dtrak_with_the_sparse_projection_finds_the_planted_duplicate(tmp_path, tiny_model, tiny_data):
+    query = tmp_path / "query.png"
+    shutil.copy(tiny_data / QUERY_ID, query)
+    attributor = _attributor(tiny_model, tiny_data, tmp_path / "run", projection="sparse")
+    result = attributor.attribute(query, method="dtrak")[0]
+    assert result.top_ids[0] == QUERY_ID
+
+
 def test_gradient_features_are_cached_per_setting(tmp_path, tiny_model, tiny_data):
     query = tiny_data / QUERY_ID
     _attributor(tiny_model, tiny_data, tmp_path).attribute(query, method="dtrak")
@@ -128,14 +136,28 @@ def test_kernel_scores_match_a_direct_solve():
     assert torch.allclose(kernel_scores(q, phi, damping=math.inf), q @ phi.T, atol=1e-5)
 
 
-def test_projector_preserves_inner_products_and_ignores_chunking():
+@pytest.mark.parametrize("kind", Projector.KINDS)
+def test_projector_preserves_inner_products_and_ignores_chunking_and_caching(kind):
     generator = torch.Generator().manual_seed(0)
     grads = torch.randn(4, 3000, generator=generator)
-    a = Projector(3000, 2048, seed=1, device=torch.device("cpu"), chunk=1000)(grads)
-    b = Projector(3000, 2048, seed=1, device=torch.device("cpu"), chunk=1000)(grads)
-    assert torch.equal(a, b)
-    exact, projected = grads @ grads.T, a @ a.T
+    cpu = torch.device("cpu")
+    a = Projector(3000, 2048, seed=1, device=cpu, chunk=1000, kind=kind)
+    b = Projector(3000, 2048, seed=1, device=cpu, chunk=1000, kind=kind, max_cached_bytes=0)  # regenerated per call
+    assert a.cached and not b.cached
+    assert torch.equal(a(grads), b(grads))
+    assert torch.equal(b(grads), b(grads))
+    exact, projected = grads @ grads.T, a(grads) @ a(grads).T
     assert torch.allclose(projected.diag(), exact.diag(), rtol=0.15)
+    assert not torch.allclose(a(grads), Projector(3000, 2048, seed=2, device=cpu, chunk=1000, kind=kind)(grads))
+
+
+def test_sparse_projection_is_a_count_sketch():
+    projector = Projector(5, 3, seed=0, device=torch.device("cpu"), kind="sparse")
+    (buckets, signs), *_ = [block for _, block in projector.blocks()]
+    dense = torch.zeros(5, 3)
+    dense[torch.arange(5), buckets] = signs.float()
+    grads = torch.randn(2, 5)
+    assert torch.allclose(projector(grads), grads @ dense)
 
 
 def test_pixel_similarity_is_negative_mean_squared_distance():
@@ -164,3 +186,22 @@ def test_cli_method_flags(tmp_path, tiny_model, tiny_data, clip, capsys):
         == 2
     )
     assert "--clip-weights nope.pt: no such file" in capsys.readouterr().err
+
+
+def test_a_query_has_the_same_noise_under_every_setting_of_a_method(tmp_path, tiny_model, tiny_data, monkeypatch):
+    from diffattr.baselines import DTrakScorer
+
+    names = []
+    featurise = DTrakScorer.featurise
+
+    def recording(self, images, conditions, query_names, *, description):
+        names.append((description, query_names))
+        return featurise(self, images, conditions, query_names, description=description)
+
+    monkeypatch.setattr(DTrakScorer, "featurise", recording)
+    for damping in (math.inf, 0.5):
+        _attributor(tiny_model, tiny_data, tmp_path / "run", damping=damping).attribute(
+            tiny_data / QUERY_ID, method="dtrak"
+        )
+    query_names = [n for description, n in names if description == "queries"]
+    assert len(query_names) == 2 and query_names[0] == query_names[1]
