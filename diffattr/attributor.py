@@ -22,7 +22,7 @@ import diffusers
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .audit import AuditInputs, AuditReport, run_audit
 from .baselines import SCORERS, Scorer, ScorerContext, method_names
 from .config import AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
@@ -152,6 +152,7 @@ class Attributor:
         device: str | None = None,
         progress: bool = True,
     ):
+        distributed.setup()  # launched by torchrun / accelerate: join the other processes first
         if not isinstance(model, Denoiser):
             model = Denoiser.from_pretrained(model, scheduler=scheduler, lora=lora, device=device)
         self.model = model
@@ -161,7 +162,7 @@ class Attributor:
         self.attribution = attribution or AttributionConfig()
         self.gradient = gradient or GradientConfig()
         self.clip = clip
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         self.grid = ScoringGrid.of(model.num_train_timesteps, self.scoring)
         self._fingerprint: str | None = None  # of the training data, hashed once
         # The run-config check passed so far: None (not yet), False (without the attribution section), True (with).

@@ -141,11 +141,19 @@ def _one_for_all(values: list | None):
     return values[0] if values and len(values) == 1 else values
 
 
+def _say(text: str) -> None:
+    """Prints a result once: on rank 0 when launched on several processes."""
+    from .distributed import is_main
+
+    if is_main():
+        print(text)
+
+
 def run(args: argparse.Namespace) -> None:
     if args.command == "cache":
         attributor = _attributor(args, attribution=_config_from(args, AttributionConfig))
         baseline = attributor.cache()
-        print(f"baseline {tuple(baseline.shape)} (images × timesteps) in {attributor.run.path}")
+        _say(f"baseline {tuple(baseline.shape)} (images × timesteps) in {attributor.run.path}")
     elif args.command == "attribute":
         attributor = _attributor(
             args,
@@ -161,19 +169,19 @@ def run(args: argparse.Namespace) -> None:
             method=args.method,
         )
         for result in results:
-            print(result.table())
-        print(f"\nresults in {attributor.run.path / 'queries'}")
+            _say(result.table())
+        _say(f"\nresults in {attributor.run.path / 'queries'}")
     elif args.command == "audit":
         attributor = _attributor(args, attribution=_config_from(args, AttributionConfig))
         report = attributor.audit(_config_from(args, AuditConfig), leakage=args.leakage, mislabeled=args.mislabeled)
-        print(report.table(args.top_k))
+        _say(report.table(args.top_k))
     elif args.command == "gallery":
         from .gallery import write_gallery
 
         index = write_gallery(
             args.run_dir, args.out, top_k=args.top_k, train=args.train, clip=_clip(args), progress=not args.quiet
         )
-        print(f"gallery: {index}")
+        _say(f"gallery: {index}")
     elif args.command == "demo":
         from .demo import run_demo
 

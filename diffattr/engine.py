@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import AttributionConfig
 from .denoisers import Denoiser
 from .fisher import diagonal_fisher
@@ -211,6 +212,7 @@ class Engine:
             null_loss=self.null_loss() if config.null_stop is not None else None,
             fisher=self.fisher(config) if config.ewc_weight else None,
         )
+        distributed.broadcast_parameters(copy.network)  # sharded: every process scores rank 0's copy
         perturb_seconds = time.perf_counter() - start
         needs_change = with_prediction_change
         if needs_change is None:

@@ -23,6 +23,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import GradientConfig
 from .denoisers import Denoiser
 from .losses import denoising_loss, gradients_of
@@ -160,13 +161,15 @@ def projected_gradients(
     num_params = sum(p.numel() for p in params)
     projector = _projector(num_params, config.projection_dim, seed, device, config.projection)
     grid = timesteps.to(device)
-    features = torch.empty(len(images), config.projection_dim)
+    mine = distributed.block(len(images))  # sharded: this process's rows, gathered below
+    features = torch.empty(len(mine), config.projection_dim)
     batch_size = max(1, min(batch_size, len(images), GRADIENT_BUFFER_BYTES // (4 * num_params)))
     flat = torch.empty(batch_size, num_params, device=device)
+    progress = progress and distributed.is_main()
     with gradients_of(params):
-        for start in tqdm(range(0, len(images), batch_size), disable=not progress, desc=description):
-            stop = min(start + batch_size, len(images))
-            for row, i in enumerate(range(start, stop)):
+        for start in tqdm(range(0, len(mine), batch_size), disable=not progress, desc=description):
+            stop = min(start + batch_size, len(mine))
+            for row, i in enumerate(range(mine.start + start, mine.start + stop)):
                 keys = [noise_key(seed, names[i], k, 0) for k in range(len(grid))]
                 noise = draw_noise(keys, images.shape[1:]).to(device)
                 condition = None if conditions is None else conditions[i].to(device)
@@ -174,7 +177,7 @@ def projected_gradients(
                 grads = torch.autograd.grad(value, params)
                 flat[row] = torch.cat([g.reshape(-1) for g in grads])
             features[start:stop] = projector(flat[: stop - start]).cpu()
-    return features
+    return distributed.gather_blocks(features, len(images))
 
 
 def kernel_matrix(train_features: torch.Tensor, *, damping: float) -> torch.Tensor:

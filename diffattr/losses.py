@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .denoisers import Denoiser
 from .noise import ScoringGrid, draw_noise, noise_key
 
@@ -120,11 +121,44 @@ def loss_matrix(
         progress: show a progress bar.
 
     Returns:
-        A :class:`LossMatrix`.
+        A :class:`LossMatrix`. Launched on several processes (``distributed.py``), each scores its
+        block of the rows and every process returns the gathered whole.
     """
     if encodings.shape[0] != len(ids):
         raise ValueError(f"{encodings.shape[0]} encodings for {len(ids)} ids")
     images = range(len(ids)) if images is None else images
+    mine = distributed.block(len(images))  # all of them in one process
+    local = _local_loss_matrix(
+        model,
+        encodings,
+        conditions,
+        ids,
+        grid,
+        range(images.start + mine.start, images.start + mine.stop),
+        network,
+        reference_network,
+        progress and distributed.is_main(),
+        description,
+    )
+    changes = local.prediction_change
+    return LossMatrix(
+        distributed.gather_blocks(local.losses, len(images)),
+        None if changes is None else distributed.gather_blocks(changes, len(images)),
+    )
+
+
+def _local_loss_matrix(
+    model: Denoiser,
+    encodings: torch.Tensor,
+    conditions: torch.Tensor | None,
+    ids: list[str],
+    grid: ScoringGrid,
+    images: range,
+    network: torch.nn.Module | None,
+    reference_network: torch.nn.Module | None,
+    progress: bool,
+    description: str,
+) -> LossMatrix:
     num_images, num_timesteps, num_draws = len(images), len(grid.timesteps), grid.num_draws
     device, shape = model.device, tuple(encodings.shape[1:])
     timesteps = grid.timesteps.to(device)

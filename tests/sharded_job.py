@@ -1,0 +1,46 @@
+"""Run by ``tests/test_distributed.py`` in one process and under ``torchrun`` on two: every verb of
+the Python API on a tiny class-conditional model, the numbers saved to ``<run-dir>/numbers.safetensors``.
+
+    python tests/sharded_job.py MODEL DATA RUN_DIR QUERY
+"""
+
+import sys
+
+import torch
+
+from diffattr import AttributionConfig, Attributor
+from diffattr.config import AuditConfig, GradientConfig, ScoringConfig
+from diffattr.store import write_tensors
+
+
+def main(model: str, data: str, run_dir: str, query: str) -> None:
+    torch.set_num_threads(1)
+    scoring = ScoringConfig(num_timesteps=4, num_draws=2, batch_size=5)  # batches straddle the blocks
+    attributor = Attributor(
+        model,
+        data,
+        run_dir,
+        scoring=scoring,
+        attribution=AttributionConfig(steps=3, draws_per_step=8, calibration_images=3),
+        gradient=GradientConfig(projection_dim=16),
+        device="cpu",
+        progress=False,
+    )
+    baseline = attributor.cache()  # encodings, baseline and the calibration
+    forward_inf = attributor.attribute(query, labels=1)[0]
+    dtrak = attributor.attribute(query, labels=1, method="dtrak")[0]
+    report = attributor.audit(AuditConfig(samples=3, sampling_steps=5, alpha=100.0), mislabeled=True)
+    numbers = {
+        "baseline": baseline,
+        "calibration": attributor.calibration(),
+        "forward_inf": forward_inf.scores,
+        "dtrak": dtrak.scores,
+        "audit": report.scores,
+        "mislabel": torch.tensor([entry["score"] for entry in sorted(report.mislabeled, key=lambda e: e["id"])]),
+        "replicas": torch.tensor(len(report.replicas)),
+    }
+    write_tensors(attributor.run.file("numbers.safetensors"), numbers)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
