@@ -28,8 +28,10 @@ from .baselines import SCORERS, Scorer, ScorerContext, method_names
 from .config import AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
 from .data import ImageFolder, file_digest, load_image
 from .denoisers import Denoiser
+from .candidates import DUPLICATE_RADIUS, candidate_rows
 from .engine import Engine, TrainingSet
 from .errors import DiffattrError
+from .losses import LossMatrix
 from .noise import ScoringGrid
 from .perturb import select_parameters
 from .scoring import AGGREGATIONS, top_k
@@ -117,6 +119,21 @@ def query_id_for(path: Path, condition: int | str | None, method: dict | None = 
     key = f"{file_digest(path)}:{condition}" + ("" if method is None else ":" + json.dumps(method, sort_keys=True))
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{stem}-{digest}" if method is None else f"{stem}-{method['method']}-{digest}"
+
+
+def _on_all_rows(rows: torch.Tensor, num_images: int, scores, after: LossMatrix, deltas):
+    """A pre-filtered query's tensors on all N rows: −inf scores and NaN losses off the candidates."""
+
+    def spread(values: torch.Tensor | None, fill: float) -> torch.Tensor | None:
+        if values is None:
+            return None
+        out = torch.full((num_images, *values.shape[1:]), fill, dtype=values.dtype)
+        out[rows] = values
+        return out
+
+    nan = float("nan")
+    after = LossMatrix(spread(after.losses, nan), spread(after.prediction_change, nan))
+    return spread(scores, float("-inf")), after, spread(deltas, nan)
 
 
 class Attributor:
@@ -359,6 +376,7 @@ class Attributor:
         prompts: list[str | None] | str | None = None,
         top_k: int = 10,
         method: str = "forward-inf",
+        candidates: int | None = None,
     ) -> list[AttributionResult]:
         """Ranks the training images by their influence on each query image.
 
@@ -371,6 +389,9 @@ class Attributor:
             top_k: how many training images ``result.json`` lists (all N when ``top_k`` ≥ N).
             method: ``forward-inf`` (diffattr's method), or a baseline registered in
                 ``baselines.py``: ``pixel``, ``clip``, ``tracin``, ``dtrak``.
+            candidates: score only the M training images nearest each query (and their near
+                duplicates; ``candidates.py``): a query costs M·K rows instead of N·K. The others
+                get score −inf; results go to ``queries/<query-id>-candidates<M>/``.
 
         Returns:
             One :class:`AttributionResult` per query, also written under ``<run-dir>/queries/``.
@@ -380,13 +401,17 @@ class Attributor:
             raise DiffattrError(f"--top-k {top_k}: must be at least 1")
         if method not in method_names():
             raise DiffattrError(f"--method {method!r}: must be one of {method_names()}")
+        if candidates is not None and candidates < 1:
+            raise DiffattrError(f"--candidates {candidates}: must be at least 1 (leave it out to score every image)")
+        if candidates is not None and method != "forward-inf":
+            raise DiffattrError(f"--candidates pre-filters Forward-INF's pass: drop it with --method {method}")
         # Fail on a bad query, label, prompt or option before any long pass.
         batch = self._queries(paths, labels, prompts)
         if method != "forward-inf":
             return self._attribute_baseline(method, batch, top_k)
         self._open_run(with_attribution=True)
         baseline = self.cache()
-        return [self._attribute_one(query, baseline, top_k) for query in batch]
+        return [self._attribute_one(query, baseline, top_k, candidates) for query in batch]
 
     def _queries(self, paths: list[Path], labels, prompts) -> list[_Query]:
         labels = _one_per_query(labels, paths, "--label")
@@ -406,10 +431,15 @@ class Attributor:
             for path, label, prompt, condition in zip(paths, labels, prompts, conditions)
         ]
 
-    def _attribute_one(self, query: _Query, baseline: torch.Tensor, k: int) -> AttributionResult:
-        query_id = query_id_for(query.path, query.condition)
+    def _attribute_one(
+        self, query: _Query, baseline: torch.Tensor, k: int, candidates: int | None = None
+    ) -> AttributionResult:
+        query_id = query_id_for(query.path, query.condition)  # seeds the perturbation, with or without candidates
         encoding = self.model.encode(query.pixels[None].to(self.model.device))[0]
         engine = self.engine()
+        start = time.perf_counter()
+        rows = None if candidates is None else candidate_rows(encoding, engine.train.encodings, candidates)
+        retrieve_seconds = time.perf_counter() - start
         response = engine.respond(
             encoding,
             query.conditions,
@@ -417,23 +447,31 @@ class Attributor:
             self.attribution,
             progress=self.progress,
             description=f"scoring {query.path.name}",
+            images=rows,
         )
         needs_calibration = AGGREGATIONS[self.attribution.aggregation].needs_calibration
         reference = self.calibration() if needs_calibration else None
         scores = engine.score(response, baseline, self.attribution, reference=reference)
-        after = response.after
+        after, timings = response.after, {}
+        deltas = after.losses - (baseline if rows is None else baseline[rows])
+        if rows is not None:  # images left out by the pre-filter: score −inf, no losses
+            scores, after, deltas = _on_all_rows(rows, len(self.ids), scores, after, deltas)
+            k = min(k, len(rows))
+            timings["retrieve_seconds"] = retrieve_seconds
         result = AttributionResult(
             query=str(query.path),
-            query_id=query_id,
+            query_id=query_id if candidates is None else f"{query_id}-candidates{candidates}",
             ids=self.ids,
             scores=scores,
-            deltas=after.losses - baseline,
+            deltas=deltas,
             top=self._top(scores, k),
-            timings=response.timings,
+            timings={**response.timings, **timings},
         )
         tensors = {"after": after.losses}
         if after.prediction_change is not None:
             tensors["prediction_change"] = after.prediction_change
+        if rows is not None:
+            tensors["candidates"] = rows
         config = self.run_config(with_attribution=True)
         self._save(
             result,
@@ -443,6 +481,18 @@ class Attributor:
                 "config": {key: config[key] for key in ("scoring", "attribution")},
                 "query_loss_per_step": response.query_losses,
                 **({"perturb_steps": response.steps} if self.attribution.stops_early else {}),
+                **(
+                    {}
+                    if rows is None
+                    else {
+                        "candidates": {
+                            "count": candidates,
+                            "scored": len(rows),
+                            "retriever": "RMS distance of the encodings",
+                            "duplicate_radius": DUPLICATE_RADIUS,
+                        }
+                    }
+                ),
             },
         )
         return result

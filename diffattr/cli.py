@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attribute.add_argument("--top-k", type=int, default=10, help="training images to list per query (default: 10)")
     attribute.add_argument(
+        "--candidates",
+        type=int,
+        metavar="M",
+        help="score only the M training images nearest each query in the model's space, and their near duplicates "
+        "(default: all)",
+    )
+    attribute.add_argument(
         "--method",
         default="forward-inf",
         choices=method_names(),
@@ -167,6 +174,7 @@ def run(args: argparse.Namespace) -> None:
             prompts=_one_for_all(args.prompt),
             top_k=args.top_k,
             method=args.method,
+            candidates=args.candidates,
         )
         for result in results:
             _say(result.table())

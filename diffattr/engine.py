@@ -68,12 +68,14 @@ class Response:
             :class:`~diffattr.perturb.PerturbedCopy`).
         steps: optimizer steps taken.
         timings: ``perturb_seconds`` and ``score_seconds``.
+        rows: the training rows of ``after`` when only some were scored, else ``None``.
     """
 
     after: LossMatrix
     query_losses: list[float]
     steps: int
     timings: dict[str, float] = field(default_factory=dict)
+    rows: torch.Tensor | None = None  # the training rows scored (``--candidates``); None: all, in order
 
 
 def _in_memory(tensor) -> torch.Tensor:
@@ -117,7 +119,7 @@ class Engine:
         *,
         network: torch.nn.Module | None = None,
         reference_network: torch.nn.Module | None = None,
-        images: range | None = None,
+        images: range | torch.Tensor | None = None,
         progress: bool | None = None,
         description: str = "scoring",
     ) -> LossMatrix:
@@ -188,6 +190,7 @@ class Engine:
         progress: bool = False,
         description: str = "scoring",
         with_prediction_change: bool | None = None,
+        images: torch.Tensor | None = None,
     ) -> Response:
         """Perturbs a copy of the network on one image, then scores every training image with it.
 
@@ -199,6 +202,7 @@ class Engine:
             progress: show the perturbation's and the pass's progress bars.
             with_prediction_change: also measure ``‖ε_θ′ − ε_θ‖²`` (default: when the config's
                 aggregation needs it).
+            images: ``(M,)`` the training rows to score (``--candidates``; default: all).
         """
         start = time.perf_counter()
         copy = perturbed_copy(
@@ -220,11 +224,12 @@ class Engine:
         after = self.losses(
             network=copy.network,
             reference_network=self.model.network if needs_change else None,
+            images=images,
             progress=progress,
             description=description,
         )
         timings = {"perturb_seconds": perturb_seconds, "score_seconds": time.perf_counter() - start - perturb_seconds}
-        return Response(after, copy.query_losses, copy.steps, timings)
+        return Response(after, copy.query_losses, copy.steps, timings, images)
 
     def calibration(self, config: AttributionConfig, baseline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's usual response, for the ``calibrated`` aggregation.
@@ -255,7 +260,11 @@ class Engine:
         aggregation: str | None = None,
         reference: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``(N,)`` scores of one response under ``aggregation`` (default: the config's)."""
+        """``(N,)`` scores of one response under ``aggregation`` (default: the config's); ``(M,)``
+        for a response on some rows (their baseline and reference rows are taken here)."""
+        if response.rows is not None:
+            baseline = baseline[response.rows]
+            reference = None if reference is None else reference[response.rows]
         return aggregate(
             aggregation or config.aggregation,
             baseline=baseline,

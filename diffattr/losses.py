@@ -101,7 +101,7 @@ def loss_matrix(
     ids: list[str],
     grid: ScoringGrid,
     *,
-    images: range | None = None,
+    images: range | torch.Tensor | None = None,
     network: torch.nn.Module | None = None,
     reference_network: torch.nn.Module | None = None,
     progress: bool = True,
@@ -115,7 +115,8 @@ def loss_matrix(
         conditions: ``(N, ...)`` conditions, or ``None``.
         ids: the N image ids; they seed the noise.
         grid: timesteps, draws, seed and batch size of the run.
-        images: the image rows to score (default: all); the result has ``len(images)`` rows.
+        images: the image rows to score, a range or a ``(M,)`` index tensor (default: all); the
+            result has ``len(images)`` rows, in that order.
         network: network to score (default: the model's own).
         reference_network: if given, also measure the change of prediction against it.
         progress: show a progress bar.
@@ -126,15 +127,15 @@ def loss_matrix(
     """
     if encodings.shape[0] != len(ids):
         raise ValueError(f"{encodings.shape[0]} encodings for {len(ids)} ids")
-    images = range(len(ids)) if images is None else images
-    mine = distributed.block(len(images))  # all of them in one process
+    rows = torch.arange(len(ids)) if images is None else torch.as_tensor(images, dtype=torch.long)
+    mine = distributed.block(len(rows))  # all of them in one process
     local = _local_loss_matrix(
         model,
         encodings,
         conditions,
         ids,
         grid,
-        range(images.start + mine.start, images.start + mine.stop),
+        rows[mine.start : mine.stop],
         network,
         reference_network,
         progress and distributed.is_main(),
@@ -142,8 +143,8 @@ def loss_matrix(
     )
     changes = local.prediction_change
     return LossMatrix(
-        distributed.gather_blocks(local.losses, len(images)),
-        None if changes is None else distributed.gather_blocks(changes, len(images)),
+        distributed.gather_blocks(local.losses, len(rows)),
+        None if changes is None else distributed.gather_blocks(changes, len(rows)),
     )
 
 
@@ -153,7 +154,7 @@ def _local_loss_matrix(
     conditions: torch.Tensor | None,
     ids: list[str],
     grid: ScoringGrid,
-    images: range,
+    images: torch.Tensor,
     network: torch.nn.Module | None,
     reference_network: torch.nn.Module | None,
     progress: bool,
@@ -169,7 +170,7 @@ def _local_loss_matrix(
     with tqdm(total=total, disable=not progress, desc=description, unit="row") as bar:
         for start in range(0, total, grid.batch_size):
             rows = torch.arange(start, min(start + grid.batch_size, total))
-            image = images.start + rows // rows_per_image
+            image = images[rows // rows_per_image]
             k, draw = (rows // num_draws) % num_timesteps, rows % num_draws
             keys = [
                 noise_key(grid.seed, ids[i], kk, ss) for i, kk, ss in zip(image.tolist(), k.tolist(), draw.tolist())

@@ -1,0 +1,55 @@
+"""The candidate pre-filter (``--candidates M``): score only the training images nearest the query.
+
+A query's Forward-INF pass costs N·K forward rows; most training images are far from the query and
+score near zero. The pre-filter ranks the training images by the RMS distance between their
+encodings (the model's own space: pixels, or VAE latents — already cached in the run directory, so
+the retriever costs no extra pass) and the query's, and keeps the M nearest plus every image within
+``duplicate_radius`` of the M-th distance. By the triangle inequality that margin keeps every near
+duplicate of a kept image (RMS distance ≤ ``duplicate_radius`` from it): a copy of a candidate is
+never dropped, whatever M.
+
+Exact search, one shard of encodings at a time (memory: N distances): it costs one subtraction per
+encoding value, far below one UNet forward per candidate, so an approximate index would not change
+the per-query cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# RMS difference (in the model's space; pixels in [-1, 1]) up to which two images are near duplicates:
+# the audit's copy tolerance.
+DUPLICATE_RADIUS = 0.02
+
+
+def _chunks(encodings, chunk_rows: int = 1024):
+    if hasattr(encodings, "chunks"):  # a ShardedTensor: one shard at a time
+        yield from encodings.chunks()
+    else:
+        for start in range(0, len(encodings), chunk_rows):
+            yield encodings[start : start + chunk_rows]
+
+
+def rms_distances(query: torch.Tensor, encodings) -> torch.Tensor:
+    """``(N,)`` RMS distance between ``query`` ``(C, H, W)`` and every encoding ``(N, C, H, W)``."""
+    flat = query.detach().flatten().float().cpu()
+    parts = [(chunk.flatten(1).float() - flat).pow(2).mean(1).sqrt() for chunk in _chunks(encodings)]
+    return torch.cat(parts)
+
+
+def candidate_rows(
+    query: torch.Tensor, encodings, count: int, *, duplicate_radius: float = DUPLICATE_RADIUS
+) -> torch.Tensor:
+    """Indices (ascending) of the training images a query's pass scores under ``--candidates count``.
+
+    Args:
+        query: ``(C, H, W)`` the query in the model's space.
+        encodings: ``(N, C, H, W)`` training encodings (a tensor or a sharded one).
+        count: M, the nearest images to keep (``≥ N``: all of them).
+        duplicate_radius: the margin past the M-th distance (see the module docstring).
+    """
+    distances = rms_distances(query, encodings)
+    if count >= len(distances):
+        return torch.arange(len(distances))
+    cutoff = distances.kthvalue(count).values + duplicate_radius
+    return torch.nonzero(distances <= cutoff).flatten()
