@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .audit import AuditInputs, AuditReport, run_audit
 from .baselines import SCORERS, Scorer, ScorerContext, method_names
+from .candidates import DUPLICATE_RADIUS, candidate_rows
 from .config import AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
 from .data import ImageFolder, file_digest, load_image
 from .denoisers import Denoiser
-from .candidates import DUPLICATE_RADIUS, candidate_rows
 from .engine import Engine, TrainingSet
 from .errors import DiffattrError
 from .losses import LossMatrix
