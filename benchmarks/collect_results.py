@@ -34,7 +34,12 @@ SECTIONS = [
     ("counterfactual", "benchmarks/eval_counterfactual.py", "Counterfactual: retrain without each query's top-K"),
     ("audit", "benchmarks/eval_audit.py", "Memorization audit"),
     ("zoo_audit", "benchmarks/eval_zoo_audit.py", "Memorization audit on every model of the zoo"),
+    ("leakage_candidates", "benchmarks/eval_leakage.py", "Planted duplicates under --candidates M"),
+    ("customization_candidates", "benchmarks/eval_customization.py", "Customization under --candidates M"),
+    ("lds_candidates", "benchmarks/eval_lds.py", "LDS under --candidates M"),
     ("speed", "benchmarks/bench_speed.py", "Speed: Forward-INF vs D-TRAK"),
+    ("queries", "benchmarks/bench_queries.py", "Many queries, one pass"),
+    ("scale", "benchmarks/bench_scale.py", "Cost at realistic model sizes: Forward-INF vs D-TRAK"),
     ("memory", "benchmarks/bench_memory.py", "Memory: 1k vs 10k training images"),
 ]
 # The summary's metric per protocol: (results name, key path into a method's entry, label).

@@ -11,6 +11,7 @@ Protocol (toy scale, CPU):
 
     python benchmarks/eval_customization.py                # default setting, ~12 min (2 cores, 1 thread)
     python benchmarks/eval_customization.py --sweep core   # + the Forward-INF sweep, ~25 min
+    python benchmarks/eval_customization.py --candidates  # + the default under --candidates M = 0.02N … 0.5N
 """
 
 import argparse
@@ -18,7 +19,15 @@ import copy
 import tempfile
 
 import torch
-from protocol import all_method_scores, default_name, retrieval_metrics, sweep_settings, write_tables
+from protocol import (
+    add_candidate_scores,
+    all_method_scores,
+    default_name,
+    retrieval_metrics,
+    sweep_settings,
+    write_candidate_table,
+    write_tables,
+)
 
 from diffattr import Attributor, DiffusionModel
 from diffattr.data import ImageFolder, load_image
@@ -35,6 +44,7 @@ def parse_args():
     parser.add_argument("--samples", type=int, default=2, help="generated queries per concept")
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--no-gradients", action="store_true", help="skip TracIn and D-TRAK")
+    parser.add_argument("--candidates", action="store_true", help="also the default under --candidates M (M = f·N)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args()
 
@@ -113,11 +123,16 @@ def main(args):
         )
         relevant = torch.tensor([[o == concept for o in owners]] * args.samples)
         per_concept[concept] = {"scores": scores, "relevant": relevant, "seconds": seconds}
+        if args.candidates:
+            per_concept[concept]["recalls"] = add_candidate_scores(scores, train, queries)
     methods, rows = retrieval_metrics(per_concept, list(per_concept[next(iter(CONCEPTS))]["scores"]))
     payload = {"concepts": list(CONCEPTS), "methods": methods, "default": default_name()}
     payload["seconds"] = {c: v["seconds"] for c, v in per_concept.items()}
     header = ["method", "Recall@10", "mAP"]
     write_tables("customization", payload, header, rows, swept=args.sweep != "default")
+    if args.candidates:  # every concept has the same number of queries: the mean of the means
+        recalls = {m: sum(c["recalls"][m] for c in per_concept.values()) / len(per_concept) for m in rows if "|M=" in m}
+        write_candidate_table("customization", header, rows, recalls)
 
 
 if __name__ == "__main__":

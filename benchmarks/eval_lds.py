@@ -15,6 +15,7 @@ Protocol (toy scale, CPU):
 
     python benchmarks/eval_lds.py                         # 41 models (~20 min at 1 thread), then LDS
     python benchmarks/eval_lds.py --sweep one-at-a-time   # + the Forward-INF sweep (~8 min more)
+    python benchmarks/eval_lds.py --candidates  # + the default under --candidates M = 0.02N … 0.5N
 """
 
 import argparse
@@ -23,7 +24,14 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
-from protocol import all_method_scores, default_name, sweep_settings, write_tables
+from protocol import (
+    add_candidate_scores,
+    all_method_scores,
+    default_name,
+    sweep_settings,
+    write_candidate_table,
+    write_tables,
+)
 from safetensors.torch import load_file, save_file
 
 from diffattr.data import ImageFolder, load_image
@@ -50,6 +58,7 @@ def parse_args():
     parser.add_argument(
         "--gradient-timesteps", type=int, nargs="+", default=[10, 100], help="grids K of TracIn and D-TRAK"
     )
+    parser.add_argument("--candidates", action="store_true", help="also the default under --candidates M (M = f·N)")
     parser.add_argument("--stage", default="all", choices=["train", "all"], help="train: only the models")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args()
@@ -149,6 +158,7 @@ def main(args):
         gradient_timesteps=tuple(args.gradient_timesteps),
         progress=progress,
     )
+    recalls = add_candidate_scores(scores, train, queries, fill=0.0) if args.candidates else None
     rows, payload = {}, {"subsets": args.subsets, "train_images": len(ids), "seconds": seconds, "methods": {}}
     for name, matrix in scores.items():
         entry = {}
@@ -161,6 +171,8 @@ def main(args):
     payload["default"] = default_name()
     header = ["method", "LDS ×100, generated", "LDS ×100, held-out"]
     write_tables("lds", payload, header, rows, swept=args.sweep != "default")
+    if recalls:
+        write_candidate_table("lds", header, rows, recalls)
 
 
 if __name__ == "__main__":

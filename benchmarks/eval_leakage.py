@@ -10,13 +10,21 @@ A query scores a hit when its top-1 training image is a right answer (a tie with
 
     python benchmarks/eval_leakage.py                 # default setting, ~6 min (2 cores, 1 thread)
     python benchmarks/eval_leakage.py --sweep core    # + the Forward-INF sweep, ~20 min
+    python benchmarks/eval_leakage.py --candidates  # + the default under --candidates M = 0.02N … 0.5N
 """
 
 import argparse
 import tempfile
 
 import torch
-from protocol import all_method_scores, default_name, sweep_settings, write_tables
+from protocol import (
+    add_candidate_scores,
+    all_method_scores,
+    default_name,
+    sweep_settings,
+    write_candidate_table,
+    write_tables,
+)
 
 from diffattr import Attributor, DiffusionModel
 from diffattr.demo import toy_paths
@@ -30,6 +38,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="default", choices=["default", "core", "one-at-a-time"])
     parser.add_argument("--no-gradients", action="store_true", help="skip TracIn and D-TRAK")
+    parser.add_argument("--candidates", action="store_true", help="also the default under --candidates M (M = f·N)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args()
 
@@ -68,6 +77,7 @@ def main(args):
         gradient_methods=not args.no_gradients,
         progress=not args.quiet,
     )
+    recalls = add_candidate_scores(scores, train, queries) if args.candidates else None
     rows, payload = {}, {"queries": queries.names, "seconds": seconds, "methods": {}, "default": default_name()}
     for name, matrix in scores.items():
         entry = {kind: top1_rate(matrix[rows_of], relevant[rows_of]) for kind, rows_of in kinds.items()}
@@ -77,6 +87,8 @@ def main(args):
         rows[name] = [name, *hits, " ".join(map(str, entry["ranks"]))]
     header = ["method", "top-1 replicas", "top-1 training images", "rank of the right image per query"]
     write_tables("leakage", payload, header, rows, swept=args.sweep != "default")
+    if recalls:
+        write_candidate_table("leakage", header, rows, recalls)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from diffattr.baselines import SCORERS, ScorerContext
+from diffattr.candidates import candidate_rows
 from diffattr.config import AttributionConfig, GradientConfig, ScoringConfig
 from diffattr.denoisers import DiffusionModel
 from diffattr.engine import Engine, Queries, TrainingSet
@@ -25,6 +26,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT = AttributionConfig()
 DEFAULT_K, DEFAULT_S = 10, 1
 DAMPINGS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, math.inf)
+CANDIDATE_FRACTIONS = (0.02, 0.05, 0.1, 0.25, 0.5)  # --candidates M as a fraction of N
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +153,65 @@ def retrieval_metrics(per_group: dict[str, dict], names: list[str]) -> tuple[dic
     return methods, rows
 
 
+def toy_world(device: str = "cpu") -> tuple[DiffusionModel, TrainingSet, list]:
+    """The bundled toy model, its 720 training images encoded (a throw-away run directory) and the
+    held-out records: what the speed benchmarks run on."""
+    import tempfile
+
+    from diffattr import Attributor, ImageFolder
+    from diffattr.demo import toy_paths
+
+    paths = toy_paths()
+    model = DiffusionModel.from_pretrained(paths["model"], device=device)
+    with tempfile.TemporaryDirectory() as run_dir:
+        attributor = Attributor(model, paths["train"], run_dir, progress=False)
+        encodings, conditions = attributor.encodings()
+    return model, TrainingSet(encodings, conditions, attributor.ids), ImageFolder(paths["heldout"]).records
+
+
 def default_name() -> str:
     return f"forward-inf[default|{DEFAULT.aggregation}]"
+
+
+def candidate_name(fraction: float) -> str:
+    return f"forward-inf[default|{DEFAULT.aggregation}|M={fraction:g}N]"
+
+
+def add_candidate_scores(
+    scores: dict[str, torch.Tensor], train: TrainingSet, queries: Queries, *, fill: float = -math.inf
+) -> dict[str, float]:
+    """Adds the default's scores under ``--candidates M`` for each of :data:`CANDIDATE_FRACTIONS`.
+
+    The pre-filter scores each candidate exactly as the full pass does (same perturbation, same
+    noise: ``tests/test_candidates.py``), so its scores are the full pass's on the candidate rows
+    and ``fill`` elsewhere (−inf: never ranked; 0 for LDS sums: no influence counted).
+
+    Returns:
+        ``{name: mean over queries of the fraction of the full pass's top-10 among the candidates}``.
+    """
+    full = scores[default_name()]
+    num_images = full.shape[1]
+    recalls = {}
+    for fraction in CANDIDATE_FRACTIONS:
+        count = max(1, round(fraction * num_images))
+        masked, hits = torch.full_like(full, fill), []
+        for q in range(len(full)):
+            rows = candidate_rows(queries.encodings[q], train.encodings, count)
+            masked[q, rows] = full[q, rows]
+            hits.append(torch.isin(full[q].topk(min(10, num_images)).indices, rows).float().mean().item())
+        scores[candidate_name(fraction)] = masked
+        recalls[candidate_name(fraction)] = sum(hits) / len(hits)
+    return recalls
+
+
+def write_candidate_table(name: str, header: list[str], rows: dict[str, list], recalls: dict[str, float]) -> None:
+    """``<name>_candidates``: the protocol's metrics of the default against M, with the recall of
+    the full pass's top-10 among the candidates."""
+    table = [["all (M = N)", 1.0, *rows[default_name()][1:]]]
+    table += [[f"M = {f:g} N", recalls[candidate_name(f)], *rows[candidate_name(f)][1:]] for f in CANDIDATE_FRACTIONS]
+    payload = {"recall_of_full_top10": recalls, "rows": table}
+    header = ["--candidates", "recall of full top-10", *header[1:]]
+    write_results(f"{name}_candidates", payload, markdown_table(header, table))
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
@@ -172,10 +231,15 @@ def write_tables(name: str, payload: dict, header: list[str], rows: dict[str, li
     keep their rows from the previous ``<name>`` table, marked in ``"carried_over"``."""
 
     def keep(method: str) -> bool:
+        if "|M=" in method:  # pre-filtered rows: in <name>_candidates only
+            return False
         return not method.startswith("forward-inf[") or method.startswith("forward-inf[default|")
 
     if swept:
-        write_results(f"{name}_sweep", {**payload, "rows": rows}, markdown_table(header, list(rows.values())))
+        swept_rows = {m: row for m, row in rows.items() if "|M=" not in m}
+        swept_methods = {m: v for m, v in payload["methods"].items() if "|M=" not in m}
+        swept_payload = {**payload, "methods": swept_methods, "rows": swept_rows}
+        write_results(f"{name}_sweep", swept_payload, markdown_table(header, list(swept_rows.values())))
     methods = {m: v for m, v in payload["methods"].items() if keep(m)}
     kept_rows = {m: row for m, row in rows.items() if keep(m)}
     previous_file = RESULTS_DIR / f"{name}.json"

@@ -29,7 +29,7 @@ from .candidates import DUPLICATE_RADIUS, candidate_rows
 from .config import AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
 from .data import ImageFolder, file_digest, load_image
 from .denoisers import Denoiser
-from .engine import Engine, TrainingSet
+from .engine import Engine, Response, TrainingSet
 from .errors import DiffattrError
 from .losses import LossMatrix
 from .noise import ScoringGrid
@@ -405,13 +405,23 @@ class Attributor:
             raise DiffattrError(f"--candidates {candidates}: must be at least 1 (leave it out to score every image)")
         if candidates is not None and method != "forward-inf":
             raise DiffattrError(f"--candidates pre-filters Forward-INF's pass: drop it with --method {method}")
+        if candidates is not None and not AGGREGATIONS[self.attribution.aggregation].per_image:
+            raise DiffattrError(
+                f"--candidates with --aggregation {self.attribution.aggregation}: it normalises over the scored "
+                "images, so candidates would score otherwise than in the full pass; use another aggregation"
+            )
         # Fail on a bad query, label, prompt or option before any long pass.
         batch = self._queries(paths, labels, prompts)
         if method != "forward-inf":
             return self._attribute_baseline(method, batch, top_k)
         self._open_run(with_attribution=True)
         baseline = self.cache()
-        return [self._attribute_one(query, baseline, top_k, candidates) for query in batch]
+        size = 1 if candidates is not None else self.engine().queries_per_pass()
+        return [
+            result
+            for start in range(0, len(batch), size)
+            for result in self._attribute_group(batch[start : start + size], baseline, top_k, candidates)
+        ]
 
     def _queries(self, paths: list[Path], labels, prompts) -> list[_Query]:
         labels = _one_per_query(labels, paths, "--label")
@@ -431,24 +441,43 @@ class Attributor:
             for path, label, prompt, condition in zip(paths, labels, prompts, conditions)
         ]
 
-    def _attribute_one(
-        self, query: _Query, baseline: torch.Tensor, k: int, candidates: int | None = None
-    ) -> AttributionResult:
-        query_id = query_id_for(query.path, query.condition)  # seeds the perturbation, with or without candidates
-        encoding = self.model.encode(query.pixels[None].to(self.model.device))[0]
+    def _attribute_group(
+        self, queries: list[_Query], baseline: torch.Tensor, k: int, candidates: int | None
+    ) -> list[AttributionResult]:
+        """Queries whose perturbed copies share one pass (one query with ``candidates``: its own rows)."""
+        query_ids = [query_id_for(q.path, q.condition) for q in queries]  # seed the perturbations
+        # One at a time, as a lone query is encoded (a batched VAE could round differently); rank 0's
+        # everywhere, so that every process picks the same candidates.
+        encodings = torch.cat([self.model.encode(q.pixels[None].to(self.model.device)) for q in queries])
+        distributed.broadcast(encodings)
         engine = self.engine()
         start = time.perf_counter()
-        rows = None if candidates is None else candidate_rows(encoding, engine.train.encodings, candidates)
+        rows = None if candidates is None else candidate_rows(encodings[0], engine.train.encodings, candidates)
         retrieve_seconds = time.perf_counter() - start
-        response = engine.respond(
-            encoding,
-            query.conditions,
-            "perturb:" + query_id,
+        more = f" and {len(queries) - 1} more" if len(queries) > 1 else ""
+        responses = engine.respond_many(
+            [(e, q.conditions, "perturb:" + i) for e, q, i in zip(encodings, queries, query_ids)],
             self.attribution,
             progress=self.progress,
-            description=f"scoring {query.path.name}",
+            description=f"scoring {queries[0].path.name}{more}",
             images=rows,
         )
+        return [
+            self._attribute_one(query, query_id, response, baseline, k, candidates, retrieve_seconds)
+            for query, query_id, response in zip(queries, query_ids, responses)
+        ]
+
+    def _attribute_one(
+        self,
+        query: _Query,
+        query_id: str,
+        response: Response,
+        baseline: torch.Tensor,
+        k: int,
+        candidates: int | None,
+        retrieve_seconds: float,
+    ) -> AttributionResult:
+        engine, rows = self.engine(), response.rows
         needs_calibration = AGGREGATIONS[self.attribution.aggregation].needs_calibration
         reference = self.calibration() if needs_calibration else None
         scores = engine.score(response, baseline, self.attribution, reference=reference)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import AuditConfig, config_differences
 from .data import ImageFolder, save_image
 from .denoisers import Denoiser
@@ -256,16 +257,16 @@ class _Audit:
         chunks = [done]
         for start in range(len(done), len(seeds), SAMPLE_BATCH):
             batch = slice(start, start + SAMPLE_BATCH)
-            chunks.append(
-                generate(
-                    self.model,
-                    seeds=seeds[batch],
-                    labels=labels[batch] if self.model.num_classes is not None else None,
-                    prompts=prompts[batch] if self.model.is_text_conditioned else None,
-                    num_inference_steps=self.config.sampling_steps or None,
-                    progress=self.progress,
-                )
+            samples = generate(
+                self.model,
+                seeds=seeds[batch],
+                labels=labels[batch] if self.model.num_classes is not None else None,
+                prompts=prompts[batch] if self.model.is_text_conditioned else None,
+                num_inference_steps=self.config.sampling_steps or None,
+                progress=self.progress,
             )
+            distributed.broadcast(samples)  # sharded: every process judges rank 0's samples (the replicas)
+            chunks.append(samples)
             write_tensors(path, {"samples": torch.cat(chunks), "seeds": torch.tensor(seeds[: batch.stop])})
         return torch.cat(chunks), seeds, labels, prompts
 

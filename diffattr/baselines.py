@@ -139,7 +139,10 @@ class TracInScorer(Scorer):
     name = "tracin"
 
     def settings(self):
-        return {"method": self.name, **self.context.gradient.to_dict()}
+        settings = {"method": self.name, **self.context.gradient.to_dict()}
+        if settings["projection"] == "gaussian":  # the projection before it was a setting: its caches still hold
+            del settings["projection"]
+        return settings
 
     def feature_settings(self):
         return {k: v for k, v in self.settings().items() if k != "damping"}  # λ only enters at query time

@@ -5,7 +5,7 @@ score near zero. The pre-filter ranks the training images by the RMS distance be
 encodings (the model's own space: pixels, or VAE latents — already cached in the run directory, so
 the retriever costs no extra pass) and the query's, and keeps the M nearest plus every image within
 ``duplicate_radius`` of the M-th distance. By the triangle inequality that margin keeps every near
-duplicate of a kept image (RMS distance ≤ ``duplicate_radius`` from it): a copy of a candidate is
+duplicate (RMS distance ≤ ``duplicate_radius``) of the M nearest images: a copy of one of them is
 never dropped, whatever M.
 
 Exact search, one shard of encodings at a time (memory: N distances): it costs one subtraction per

@@ -22,6 +22,7 @@ from .errors import DiffattrError
 from .scoring import AGGREGATIONS
 
 DIRECTIONS = ("descent", "ascent")
+DTYPES = ("fp32", "bf16", "fp16")  # --dtype of the scoring passes
 # --optimizer name -> torch.optim class name (perturb.py builds it; no torch import here)
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
 
@@ -75,16 +76,29 @@ class ScoringConfig(_JSONConfig):
     num_draws: int = _field(1, "S: noise draws per (image, timestep), averaged")
     seed: int = _field(0, "run seed: the noise of (image, timestep, draw) is a pure function of it")
     batch_size: int = _field(256, "rows (image × timestep × draw) per forward pass; no effect on results")
+    dtype: str = _field(
+        "fp32",
+        "precision of the scoring passes' forward: fp32, or bf16 / fp16 under autocast (GPUs; losses still "
+        "accumulated in fp32); the baseline and every query share it",
+    )
+    queries_per_pass: int = _field(
+        8,
+        "queries (and calibration images) whose perturbed copies share one pass over the training set, each "
+        "loaded batch scored by all of them (memory: one network each); no effect on results",
+    )
 
     def __post_init__(self):
         _check(1 <= self.num_timesteps <= 1000, "num_timesteps", self.num_timesteps, "between 1 and 1000")
         _check(1 <= self.num_draws <= 1000, "num_draws", self.num_draws, "between 1 and 1000")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "a non-negative integer below 2**63")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
+        _check(self.queries_per_pass >= 1, "queries_per_pass", self.queries_per_pass, "at least 1")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
 
     def fingerprint(self) -> dict:
-        """The fields that change the numbers (the batch size does not)."""
-        return {"num_timesteps": self.num_timesteps, "num_draws": self.num_draws, "seed": self.seed}
+        """The fields that change the numbers (the batch size and queries per pass do not)."""
+        fields = ("num_timesteps", "num_draws", "seed", "dtype")
+        return {name: getattr(self, name) for name in fields}
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,16 @@ def gather_blocks(local: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.cat([part[:length] for part, length in zip(parts, lengths)]).to(local.device)
 
 
+def broadcast(tensor: torch.Tensor) -> None:
+    """Rank 0's values of ``tensor``, in place, on every process."""
+    if not is_initialized():
+        return
+    data = tensor.to(_communication_device())
+    _torch().distributed.broadcast(data, src=0)
+    if data is not tensor:
+        tensor.copy_(data)
+
+
 def broadcast_parameters(module: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers on every process (the same perturbed copy everywhere)."""
     if not is_initialized():

@@ -29,7 +29,7 @@ from . import distributed
 from .config import AttributionConfig
 from .denoisers import Denoiser
 from .fisher import diagonal_fisher
-from .losses import LossMatrix, loss_matrix
+from .losses import LossMatrix, loss_matrices, loss_matrix
 from .noise import ScoringGrid, noise_key
 from .perturb import perturbed_copy, select_parameters
 from .scoring import AGGREGATIONS, aggregate
@@ -76,6 +76,10 @@ class Response:
     steps: int
     timings: dict[str, float] = field(default_factory=dict)
     rows: torch.Tensor | None = None  # the training rows scored (``--candidates``); None: all, in order
+
+
+# The most memory the perturbed copies of one shared pass may hold together.
+COPIES_BYTES = 8 << 30
 
 
 def _in_memory(tensor) -> torch.Tensor:
@@ -204,32 +208,77 @@ class Engine:
                 aggregation needs it).
             images: ``(M,)`` the training rows to score (``--candidates``; default: all).
         """
-        start = time.perf_counter()
-        copy = perturbed_copy(
-            self.model,
-            encoding,
-            condition,
+        (response,) = self.respond_many(
+            [(encoding, condition, name)],
             config,
-            seed=noise_key(self.grid.seed, name),
             progress=progress,
-            retain=self._retain_set() if config.retain_batch else None,
-            null_loss=self.null_loss() if config.null_stop is not None else None,
-            fisher=self.fisher(config) if config.ewc_weight else None,
+            description=description,
+            with_prediction_change=with_prediction_change,
+            images=images,
         )
-        distributed.broadcast_parameters(copy.network)  # sharded: every process scores rank 0's copy
-        perturb_seconds = time.perf_counter() - start
+        return response
+
+    def respond_many(
+        self,
+        items: list[tuple[torch.Tensor, torch.Tensor | None, str]],
+        config: AttributionConfig,
+        *,
+        progress: bool = False,
+        description: str = "scoring",
+        with_prediction_change: bool | None = None,
+        images: torch.Tensor | None = None,
+    ) -> list[Response]:
+        """:meth:`respond` for several images at once: one perturbed copy each, then *one* pass over
+        the training set in which every loaded and noised batch is scored by all the copies. The
+        numbers are those of one :meth:`respond` per image; the memory is one network per image.
+
+        Args:
+            items: ``(encoding, condition, name)`` per image, as the arguments of :meth:`respond`.
+        """
+        copies, perturb_seconds = [], []
+        for encoding, condition, name in items:
+            start = time.perf_counter()
+            copy = perturbed_copy(
+                self.model,
+                encoding,
+                condition,
+                config,
+                seed=noise_key(self.grid.seed, name),
+                progress=progress,
+                retain=self._retain_set() if config.retain_batch else None,
+                null_loss=self.null_loss() if config.null_stop is not None else None,
+                fisher=self.fisher(config) if config.ewc_weight else None,
+            )
+            distributed.broadcast_parameters(copy.network)  # sharded: every process scores rank 0's copy
+            copies.append(copy)
+            perturb_seconds.append(time.perf_counter() - start)
         needs_change = with_prediction_change
         if needs_change is None:
             needs_change = AGGREGATIONS[config.aggregation].needs_prediction_change
-        after = self.losses(
-            network=copy.network,
-            reference_network=self.model.network if needs_change else None,
+        start = time.perf_counter()
+        matrices = loss_matrices(
+            self.model,
+            self.train.encodings,
+            self.train.conditions,
+            self.ids,
+            self.grid,
+            networks=[copy.network for copy in copies],
             images=images,
+            reference_network=self.model.network if needs_change else None,
             progress=progress,
             description=description,
         )
-        timings = {"perturb_seconds": perturb_seconds, "score_seconds": time.perf_counter() - start - perturb_seconds}
-        return Response(after, copy.query_losses, copy.steps, timings, images)
+        score_seconds = (time.perf_counter() - start) / len(items)  # the shared pass, per image
+        return [
+            Response(
+                after,
+                copy.query_losses,
+                copy.steps,
+                {"perturb_seconds": seconds, "score_seconds": score_seconds, "images_per_pass": len(items)},
+                images,
+            )
+            for after, copy, seconds in zip(matrices, copies, perturb_seconds)
+        ]
 
     def calibration(self, config: AttributionConfig, baseline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's usual response, for the ``calibrated`` aggregation.
@@ -244,12 +293,29 @@ class Engine:
         """
         indices = spread_indices(len(self.ids), config.calibration_images)
         responses = []
-        for index in tqdm(indices, disable=not self.progress, desc="calibration"):
-            condition = None if self.train.conditions is None else self.train.conditions[index : index + 1]
-            encoding = self.train.encodings[index]
-            after = self.respond(encoding, condition, "calibration:" + self.ids[index], config).after.losses
-            responses.append((after - baseline).mean(1).abs())
+        for group in tqdm(self._groups(indices), disable=not self.progress, desc="calibration", unit="pass"):
+            items = [
+                (self.train.encodings[i], self._condition(self.train.conditions, i), "calibration:" + self.ids[i])
+                for i in group
+            ]
+            for response in self.respond_many(items, config):
+                responses.append((response.after.losses - baseline).mean(1).abs())
         return torch.stack(responses).median(0).values, torch.tensor(indices)
+
+    def queries_per_pass(self) -> int:
+        """The copies one pass scores: the run's ``queries_per_pass``, fewer when that many copies
+        of the network would pass :data:`COPIES_BYTES` (an SD-size UNet: 2 at a time)."""
+        network_bytes = sum(p.numel() * p.element_size() for p in self.model.network.parameters())
+        return max(1, min(self.grid.queries_per_pass, COPIES_BYTES // max(network_bytes, 1)))
+
+    def _groups(self, items: list) -> list[list]:
+        """``items`` in groups of :meth:`queries_per_pass`."""
+        size = self.queries_per_pass()
+        return [items[start : start + size] for start in range(0, len(items), size)]
+
+    @staticmethod
+    def _condition(conditions: torch.Tensor | None, index: int) -> torch.Tensor | None:
+        return None if conditions is None else conditions[index : index + 1]
 
     @staticmethod
     def score(
@@ -298,14 +364,10 @@ class Engine:
             reference, _ = self.calibration(config, baseline)
         needs_change = any(AGGREGATIONS[name].needs_prediction_change for name in aggregations)
         out = {name: torch.empty(len(queries.names), len(self.ids)) for name in aggregations}
-        for q in tqdm(range(len(queries.names)), disable=not self.progress, desc="forward-inf queries"):
-            response = self.respond(
-                queries.encodings[q],
-                queries.condition(q),
-                "perturb:" + queries.names[q],
-                config,
-                with_prediction_change=needs_change,
-            )
-            for name in aggregations:
-                out[name][q] = self.score(response, baseline, config, aggregation=name, reference=reference)
+        groups = self._groups(list(range(len(queries.names))))
+        for group in tqdm(groups, disable=not self.progress, desc="forward-inf queries", unit="pass"):
+            items = [(queries.encodings[q], queries.condition(q), "perturb:" + queries.names[q]) for q in group]
+            for q, response in zip(group, self.respond_many(items, config, with_prediction_change=needs_change)):
+                for name in aggregations:
+                    out[name][q] = self.score(response, baseline, config, aggregation=name, reference=reference)
         return out

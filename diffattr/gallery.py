@@ -317,7 +317,9 @@ def _top_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> li
         return top if top_k is None else top[:top_k]
     if "scores" not in scores or run.ids is None or len(run.ids) != len(scores["scores"]):
         return top
-    order = torch.sort(scores["scores"].double(), descending=True, stable=True).indices[:top_k].tolist()
+    values = scores["scores"].double()
+    order = torch.sort(values, descending=True, stable=True).indices[:top_k]
+    order = order[torch.isfinite(values[order])].tolist()  # not the images a --candidates query left out
     known = {entry.get("id"): entry for entry in top}
     metadata = run.metadata() if any(run.ids[i] not in known for i in order) else {}
     extended = []

@@ -34,9 +34,10 @@ from .perturb import select_parameters
 _FUNCTIONS = {"tracin": "loss", "dtrak": "square"}
 
 
-# Projection blocks are kept in memory up to this many bytes; past it they are regenerated from
-# their seeds on every call (the same values): memory stays flat in the number of parameters.
-PROJECTION_CACHE_BYTES = 1 << 30
+# Projection blocks are kept in memory up to this many bytes (a 0.9M-parameter UNet at d = 1024);
+# past it they are regenerated from their seeds on every call (the same values): memory stays flat
+# in the number of parameters.
+PROJECTION_CACHE_BYTES = 4 << 30
 # Rows of flattened per-example gradients held at once, in bytes (at least one row).
 GRADIENT_BUFFER_BYTES = 1 << 30
 

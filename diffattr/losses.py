@@ -11,7 +11,7 @@ the same whatever batch, subset or process it lands in. What the numbers mean li
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,6 +36,16 @@ def gradients_of(parameters: list[torch.nn.Parameter]) -> Iterator[None]:
         finally:
             for p, flag in zip(parameters, flags):
                 p.requires_grad_(flag)
+
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(device: torch.device, dtype: str):
+    """The forward passes' precision (``--dtype``): autocast for bf16/fp16, nothing for fp32."""
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST[dtype])
 
 
 def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,13 +80,35 @@ def denoising_loss(
         network: the network to score (default: the model's own; a perturbed copy).
         reference_network: if given, also ``‖f(x_t) − f_ref(x_t)‖²`` per sample.
     """
+    (result,) = denoising_losses(
+        model, clean, noise, timesteps, conditions, networks=[network], reference_network=reference_network
+    )
+    return result
+
+
+def denoising_losses(
+    model: Denoiser,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    conditions: torch.Tensor | None,
+    *,
+    networks: list[torch.nn.Module | None],
+    reference_network: torch.nn.Module | None = None,
+) -> list[DenoisingLoss]:
+    """:func:`denoising_loss` of several networks on one batch: the noisy input, the target and the
+    reference prediction are made once and shared (``None`` in ``networks``: the model's own)."""
     noisy = model.add_noise(clean, noise, timesteps)
-    prediction = model.predict(noisy, timesteps, conditions, network=network)
-    loss = per_sample_mse(prediction, model.target(clean, noise, timesteps))
-    if reference_network is None:
-        return DenoisingLoss(loss)
-    reference = model.predict(noisy, timesteps, conditions, network=reference_network)
-    return DenoisingLoss(loss, per_sample_mse(prediction, reference))
+    target = model.target(clean, noise, timesteps)
+    reference = None
+    if reference_network is not None:
+        reference = model.predict(noisy, timesteps, conditions, network=reference_network)
+    results = []
+    for network in networks:
+        prediction = model.predict(noisy, timesteps, conditions, network=network)
+        change = None if reference is None else per_sample_mse(prediction, reference)
+        results.append(DenoisingLoss(per_sample_mse(prediction, target), change))
+    return results
 
 
 @dataclass
@@ -93,7 +125,6 @@ class LossMatrix:
     prediction_change: torch.Tensor | None = None
 
 
-@torch.inference_mode()
 def loss_matrix(
     model: Denoiser,
     encodings: torch.Tensor,
@@ -125,48 +156,81 @@ def loss_matrix(
         A :class:`LossMatrix`. Launched on several processes (``distributed.py``), each scores its
         block of the rows and every process returns the gathered whole.
     """
+    (matrix,) = loss_matrices(
+        model,
+        encodings,
+        conditions,
+        ids,
+        grid,
+        networks=[network],
+        images=images,
+        reference_network=reference_network,
+        progress=progress,
+        description=description,
+    )
+    return matrix
+
+
+@torch.inference_mode()
+def loss_matrices(
+    model: Denoiser,
+    encodings: torch.Tensor,
+    conditions: torch.Tensor | None,
+    ids: list[str],
+    grid: ScoringGrid,
+    *,
+    networks: list[torch.nn.Module | None],
+    images: range | torch.Tensor | None = None,
+    reference_network: torch.nn.Module | None = None,
+    progress: bool = True,
+    description: str = "scoring",
+) -> list[LossMatrix]:
+    """:func:`loss_matrix` of several networks in one pass: each batch of rows is loaded, noised and
+    (for the prediction change) scored by the reference once, then by every network — many queries'
+    perturbed copies share one pass over the training set. The numbers are those of one pass per
+    network."""
     if encodings.shape[0] != len(ids):
         raise ValueError(f"{encodings.shape[0]} encodings for {len(ids)} ids")
     rows = torch.arange(len(ids)) if images is None else torch.as_tensor(images, dtype=torch.long)
     mine = distributed.block(len(rows))  # all of them in one process
-    local = _local_loss_matrix(
+    local = _local_loss_matrices(
         model,
         encodings,
         conditions,
         ids,
         grid,
         rows[mine.start : mine.stop],
-        network,
+        networks,
         reference_network,
         progress and distributed.is_main(),
         description,
     )
-    changes = local.prediction_change
-    return LossMatrix(
-        distributed.gather_blocks(local.losses, len(rows)),
-        None if changes is None else distributed.gather_blocks(changes, len(rows)),
-    )
+
+    def gathered(values: torch.Tensor | None) -> torch.Tensor | None:
+        return None if values is None else distributed.gather_blocks(values, len(rows))
+
+    return [LossMatrix(gathered(m.losses), gathered(m.prediction_change)) for m in local]
 
 
-def _local_loss_matrix(
+def _local_loss_matrices(
     model: Denoiser,
     encodings: torch.Tensor,
     conditions: torch.Tensor | None,
     ids: list[str],
     grid: ScoringGrid,
     images: torch.Tensor,
-    network: torch.nn.Module | None,
+    networks: list[torch.nn.Module | None],
     reference_network: torch.nn.Module | None,
     progress: bool,
     description: str,
-) -> LossMatrix:
+) -> list[LossMatrix]:
     num_images, num_timesteps, num_draws = len(images), len(grid.timesteps), grid.num_draws
     device, shape = model.device, tuple(encodings.shape[1:])
     timesteps = grid.timesteps.to(device)
     rows_per_image = num_timesteps * num_draws
     total = num_images * rows_per_image
-    losses = torch.empty(total)
-    changes = torch.empty(total) if reference_network is not None else None
+    losses = [torch.empty(total) for _ in networks]
+    changes = [torch.empty(total) for _ in networks] if reference_network is not None else None
     with tqdm(total=total, disable=not progress, desc=description, unit="row") as bar:
         for start in range(0, total, grid.batch_size):
             rows = torch.arange(start, min(start + grid.batch_size, total))
@@ -178,21 +242,26 @@ def _local_loss_matrix(
             noise = draw_noise(keys, shape).to(device)
             clean = encodings[image].to(device, non_blocking=True)
             condition = None if conditions is None else conditions[image].to(device)
-            result = denoising_loss(
-                model,
-                clean,
-                noise,
-                timesteps[k.to(device)],
-                condition,
-                network=network,
-                reference_network=reference_network,
-            )
-            losses[rows] = result.loss.cpu()
-            if changes is not None:
-                changes[rows] = result.change.cpu()
+            with _autocast(device, grid.dtype):
+                results = denoising_losses(
+                    model,
+                    clean,
+                    noise,
+                    timesteps[k.to(device)],
+                    condition,
+                    networks=networks,
+                    reference_network=reference_network,
+                )
+            for n, result in enumerate(results):
+                losses[n][rows] = result.loss.cpu()
+                if changes is not None:
+                    changes[n][rows] = result.change.cpu()
             bar.update(len(rows))
 
     def per_timestep(values: torch.Tensor) -> torch.Tensor:
         return values.view(num_images, num_timesteps, num_draws).mean(-1)
 
-    return LossMatrix(per_timestep(losses), None if changes is None else per_timestep(changes))
+    return [
+        LossMatrix(per_timestep(losses[n]), None if changes is None else per_timestep(changes[n]))
+        for n in range(len(networks))
+    ]

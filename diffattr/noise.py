@@ -65,12 +65,16 @@ class ScoringGrid:
         num_draws: S noise draws per (image, timestep).
         seed: run seed.
         batch_size: rows (image × timestep × draw) per forward pass.
+        queries_per_pass: perturbed copies scored together in one pass over the training set.
+        dtype: ``fp32``, or ``bf16`` / ``fp16``: the forward passes run under autocast.
     """
 
     timesteps: torch.Tensor
     num_draws: int
     seed: int
     batch_size: int = 256
+    queries_per_pass: int = 8
+    dtype: str = "fp32"
 
     @classmethod
     def of(cls, num_train_timesteps: int, scoring: ScoringConfig) -> ScoringGrid:
@@ -80,4 +84,6 @@ class ScoringGrid:
             scoring.num_draws,
             scoring.seed,
             scoring.batch_size,
+            scoring.queries_per_pass,
+            scoring.dtype,
         )

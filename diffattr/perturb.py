@@ -228,6 +228,8 @@ def perturbed_copy(
             steps += 1
             bar.update()
         bar.close()
+    for parameter in network.parameters():  # a kept copy (shared passes) holds no gradients
+        parameter.grad = None
     return PerturbedCopy(network.requires_grad_(False), history, steps)
 
 

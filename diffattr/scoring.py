@@ -34,6 +34,8 @@ class Aggregation:
         help: one line for ``--help``.
         needs_calibration: needs the per-image calibration reference (R extra passes once per run).
         needs_prediction_change: needs ``‖ε_θ′ − ε_θ‖²`` (a second forward pass per row).
+        per_image: an image's score depends on its own rows only (not on which other images are
+            scored): what ``--candidates`` needs.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Aggregation:
     help: str
     needs_calibration: bool = False
     needs_prediction_change: bool = False
+    per_image: bool = True
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,19 @@ AGGREGATIONS: dict[str, Aggregation] = {}
 
 
 def register_aggregation(
-    name: str, *, help: str, needs_calibration: bool = False, needs_prediction_change: bool = False
+    name: str,
+    *,
+    help: str,
+    needs_calibration: bool = False,
+    needs_prediction_change: bool = False,
+    per_image: bool = True,
 ):
     """Registers ``function(inputs) → (N,)`` as the aggregation ``name`` (a decorator)."""
 
     def register(function):
         if name in AGGREGATIONS:
             raise ValueError(f"aggregation {name!r} is registered twice")
-        AGGREGATIONS[name] = Aggregation(name, function, help, needs_calibration, needs_prediction_change)
+        AGGREGATIONS[name] = Aggregation(name, function, help, needs_calibration, needs_prediction_change, per_image)
         return function
 
     return register
@@ -143,7 +151,7 @@ def _ratio(inputs: AggregationInputs) -> torch.Tensor:
     return ratio_delta(inputs.baseline, inputs.after, direction=inputs.direction)
 
 
-@register_aggregation("zscore", help="mean of per-timestep z-scored Δ")
+@register_aggregation("zscore", help="mean of per-timestep z-scored Δ", per_image=False)
 def _zscore(inputs: AggregationInputs) -> torch.Tensor:
     return zscore_delta(inputs.delta, direction=inputs.direction)
 

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import AttributionConfig, config_differences, with_defaults
+from .config import AttributionConfig, ScoringConfig, config_differences, with_defaults
 from .errors import DiffattrError
 from .files import atomic_write
 
@@ -97,6 +97,8 @@ def _checked(config: dict) -> dict:
     }
     if "attribution" in checked:
         checked["attribution"] = with_defaults(AttributionConfig, checked["attribution"])
+    if "scoring" in checked:  # the fingerprint's fields only: a run made before --dtype was fp32
+        checked["scoring"] = {**ScoringConfig().fingerprint(), **checked["scoring"]}
     return checked
 
 

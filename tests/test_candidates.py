@@ -4,7 +4,7 @@ the full pass does, and a planted replica still attributed to its canary on the 
 import pytest
 import torch
 
-from diffattr import Attributor, DiffusionModel
+from diffattr import AttributionConfig, Attributor, DiffusionModel
 from diffattr.candidates import candidate_rows, rms_distances
 from diffattr.data import save_image
 from diffattr.demo import toy_paths
@@ -25,7 +25,8 @@ def test_the_m_nearest_and_every_near_duplicate_of_them_are_kept():
 
 
 def test_candidates_are_scored_as_in_the_full_pass(tmp_path, tiny_model, tiny_data):
-    attributor = Attributor(tiny_model, tiny_data, tmp_path, progress=False)
+    config = AttributionConfig(steps=2, draws_per_step=8, calibration_images=3)  # calibrated, as the default
+    attributor = Attributor(tiny_model, tiny_data, tmp_path, attribution=config, progress=False)
     query = tiny_data / "a/img_004.png"
     (full,) = attributor.attribute(query, top_k=12)
     (some,) = attributor.attribute(query, top_k=12, candidates=4)
@@ -41,6 +42,9 @@ def test_candidates_are_scored_as_in_the_full_pass(tmp_path, tiny_model, tiny_da
         attributor.attribute(query, candidates=0)
     with pytest.raises(DiffattrError, match="--candidates"):
         attributor.attribute(query, candidates=3, method="pixel")
+    zscore = Attributor(tiny_model, tiny_data, tmp_path / "z", attribution=AttributionConfig(aggregation="zscore"))
+    with pytest.raises(DiffattrError, match="--aggregation zscore"):
+        zscore.attribute(query, candidates=3)
 
 
 def test_a_replica_is_attributed_to_its_canary_from_few_candidates(toy_run_dir, tmp_path):

@@ -52,6 +52,20 @@ def test_query_scores_are_the_responses_scored(engine):
         assert torch.allclose(scores[name][1], expected, atol=0, rtol=1e-6)
 
 
+def test_copies_sharing_one_pass_score_as_one_pass_each(engine):
+    # Each loaded batch is scored by every copy: the numbers must not change, not by one bit.
+    items = [(engine.train.encodings[i], None, f"perturb:{i}") for i in (0, 3, 5)]
+    rows = torch.tensor([1, 4, 8, 9])
+    for images in (None, rows):
+        shared = engine.respond_many(items, CONFIG, with_prediction_change=True, images=images)
+        for (encoding, condition, name), response in zip(items, shared):
+            alone = engine.respond(encoding, condition, name, CONFIG, with_prediction_change=True, images=images)
+            assert torch.equal(response.after.losses, alone.after.losses)
+            assert torch.equal(response.after.prediction_change, alone.after.prediction_change)
+            assert response.query_losses == alone.query_losses and response.timings["images_per_pass"] == 3
+    assert shared[0].after.losses.shape == (4, 3) and not torch.equal(shared[0].after.losses, shared[1].after.losses)
+
+
 def test_calibration_is_the_median_response_to_other_images(engine):
     baseline = engine.baseline()
     reference, indices = engine.calibration(CONFIG, baseline)

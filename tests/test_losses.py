@@ -1,5 +1,6 @@
 """Common random numbers: the baseline is a function of (model, image, grid, seed) only."""
 
+import dataclasses
 import json
 import shutil
 
@@ -86,3 +87,12 @@ def test_encodings_and_baseline_are_cached(tmp_path, tiny_model, tiny_data):
     second = Attributor(tiny_model, tiny_data, tmp_path / "run", scoring=scoring, device="cpu", progress=False)
     assert torch.equal(second.baseline(), baseline)
     assert (tmp_path / "run" / "baseline.safetensors").stat().st_mtime_ns == saved
+
+
+def test_a_bf16_pass_is_close_to_fp32_and_not_equal(setup):
+    model, encodings, ids = setup
+    grid = _grid(model, batch_size=7)
+    full = loss_matrix(model, encodings, None, ids, grid, progress=False).losses
+    half = loss_matrix(model, encodings, None, ids, dataclasses.replace(grid, dtype="bf16"), progress=False).losses
+    assert half.dtype == torch.float32 and not torch.equal(half, full)
+    assert torch.allclose(half, full, rtol=0.05)

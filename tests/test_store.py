@@ -127,3 +127,11 @@ def test_a_null_loss_file_is_read_back_or_named_when_broken(tmp_path):
     write_json(run.file("null_loss.json"), {"null_loss": float("nan")})
     with pytest.raises(DiffattrError, match="null_loss.json"):
         run.read_null_loss()
+
+
+def test_a_run_made_before_dtype_existed_is_fp32(tmp_path):
+    old = {**CONFIG, "scoring": {k: v for k, v in CONFIG["scoring"].items() if k != "dtype"}}
+    RunDirectory(tmp_path / "run").check_or_write_config(old)
+    RunDirectory(tmp_path / "run").check_or_write_config({**CONFIG, "scoring": {**old["scoring"], "dtype": "fp32"}})
+    with pytest.raises(DiffattrError, match=r"scoring\.dtype: 'fp32' → 'bf16'"):
+        RunDirectory(tmp_path / "run").check_or_write_config({**CONFIG, "scoring": {**old["scoring"], "dtype": "bf16"}})
