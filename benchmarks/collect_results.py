@@ -39,6 +39,7 @@ SECTIONS = [
     ("lds_candidates", "benchmarks/eval_lds.py", "LDS under --candidates M"),
     ("speed", "benchmarks/bench_speed.py", "Speed: Forward-INF vs D-TRAK"),
     ("queries", "benchmarks/bench_queries.py", "Many queries, one pass"),
+    ("dtype_bf16", "benchmarks/bench_dtype.py", "Scoring precision: bf16 against fp32"),
     ("scale", "benchmarks/bench_scale.py", "Cost at realistic model sizes: Forward-INF vs D-TRAK"),
     ("memory", "benchmarks/bench_memory.py", "Memory: 1k vs 10k training images"),
 ]

@@ -82,9 +82,10 @@ class ScoringConfig(_JSONConfig):
         "accumulated in fp32); the baseline and every query share it",
     )
     queries_per_pass: int = _field(
-        8,
+        1,
         "queries (and calibration images) whose perturbed copies share one pass over the training set, each "
-        "loaded batch scored by all of them (memory: one network each); no effect on results",
+        "loaded batch noised once and scored by all of them (memory: one network each; no gain measured on a CPU, "
+        "where the forward passes dominate); no effect on results",
     )
 
     def __post_init__(self):

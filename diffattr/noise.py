@@ -73,7 +73,7 @@ class ScoringGrid:
     num_draws: int
     seed: int
     batch_size: int = 256
-    queries_per_pass: int = 8
+    queries_per_pass: int = 1
     dtype: str = "fp32"
 
     @classmethod
