@@ -108,3 +108,16 @@ def test_invalid_option_names_the_flag(tmp_path, tiny_model, tiny_data, capsys):
     )
     assert code == 2
     assert "--direction 'sideways': must be one of ('descent', 'ascent')" in capsys.readouterr().err
+
+
+def test_attribute_with_candidates_and_bf16(tmp_path, tiny_model, tiny_data, capsys):
+    query = tiny_data / "b" / "img_001.png"
+    common = ["--model", str(tiny_model), "--train", str(tiny_data), "--device", "cpu", "--quiet"]
+    flags = ["--timesteps", "3", "--steps", "2", "--draws-per-step", "4", "--aggregation", "loss"]
+    args = ["attribute", *common, *flags, "--query", str(query), "--candidates", "3"]
+    assert main([*args, "--run-dir", str(tmp_path / "fp32")]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert 3 <= len(lines) < 12 and lines[0][2] == "b/img_001.png"  # candidates only, the query itself first
+    assert main([*args, "--run-dir", str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    assert main([*args, "--run-dir", str(tmp_path / "bf16"), "--dtype", "fp32"]) == 2  # another precision: refused
+    assert "scoring.dtype" in capsys.readouterr().err
