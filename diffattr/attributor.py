@@ -462,8 +462,10 @@ class Attributor:
             description=f"scoring {queries[0].path.name}{more}",
             images=rows,
         )
+        if rows is not None:
+            responses[0].timings["retrieve_seconds"] = retrieve_seconds
         return [
-            self._attribute_one(query, query_id, response, baseline, k, candidates, retrieve_seconds)
+            self._attribute_one(query, query_id, response, baseline, k, candidates)
             for query, query_id, response in zip(queries, query_ids, responses)
         ]
 
@@ -475,18 +477,16 @@ class Attributor:
         baseline: torch.Tensor,
         k: int,
         candidates: int | None,
-        retrieve_seconds: float,
     ) -> AttributionResult:
         engine, rows = self.engine(), response.rows
         needs_calibration = AGGREGATIONS[self.attribution.aggregation].needs_calibration
         reference = self.calibration() if needs_calibration else None
         scores = engine.score(response, baseline, self.attribution, reference=reference)
-        after, timings = response.after, {}
+        after = response.after
         deltas = after.losses - (baseline if rows is None else baseline[rows])
         if rows is not None:  # images left out by the pre-filter: score −inf, no losses
             scores, after, deltas = _on_all_rows(rows, len(self.ids), scores, after, deltas)
             k = min(k, len(rows))
-            timings["retrieve_seconds"] = retrieve_seconds
         result = AttributionResult(
             query=str(query.path),
             query_id=query_id if candidates is None else f"{query_id}-candidates{candidates}",
@@ -494,7 +494,7 @@ class Attributor:
             scores=scores,
             deltas=deltas,
             top=self._top(scores, k),
-            timings={**response.timings, **timings},
+            timings=response.timings,
         )
         tensors = {"after": after.losses}
         if after.prediction_change is not None:
@@ -502,28 +502,20 @@ class Attributor:
         if rows is not None:
             tensors["candidates"] = rows
         config = self.run_config(with_attribution=True)
-        self._save(
-            result,
-            query,
-            tensors=tensors,
-            record={
-                "config": {key: config[key] for key in ("scoring", "attribution")},
-                "query_loss_per_step": response.query_losses,
-                **({"perturb_steps": response.steps} if self.attribution.stops_early else {}),
-                **(
-                    {}
-                    if rows is None
-                    else {
-                        "candidates": {
-                            "count": candidates,
-                            "scored": len(rows),
-                            "retriever": "RMS distance of the encodings",
-                            "duplicate_radius": DUPLICATE_RADIUS,
-                        }
-                    }
-                ),
-            },
-        )
+        record = {
+            "config": {key: config[key] for key in ("scoring", "attribution")},
+            "query_loss_per_step": response.query_losses,
+        }
+        if self.attribution.stops_early:
+            record["perturb_steps"] = response.steps
+        if rows is not None:
+            record["candidates"] = {
+                "count": candidates,
+                "scored": len(rows),
+                "retriever": "RMS distance of the encodings",
+                "duplicate_radius": DUPLICATE_RADIUS,
+            }
+        self._save(result, query, tensors=tensors, record=record)
         return result
 
     def scorer(self, method: str) -> Scorer:

@@ -106,13 +106,5 @@ def broadcast(tensor: torch.Tensor) -> None:
 
 def broadcast_parameters(module: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers on every process (the same perturbed copy everywhere)."""
-    if not is_initialized():
-        return
-    torch = _torch()
-    device = _communication_device()
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            data = tensor.data.to(device)
-            torch.distributed.broadcast(data, src=0)
-            if data is not tensor.data:
-                tensor.data.copy_(data)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        broadcast(tensor.data)

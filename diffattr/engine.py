@@ -44,6 +44,9 @@ class TrainingSet:
     conditions: torch.Tensor | None
     ids: list[str]
 
+    def condition(self, i: int) -> torch.Tensor | None:
+        return None if self.conditions is None else self.conditions[i : i + 1]
+
 
 @dataclass
 class Queries:
@@ -294,10 +297,7 @@ class Engine:
         indices = spread_indices(len(self.ids), config.calibration_images)
         responses = []
         for group in tqdm(self._groups(indices), disable=not self.progress, desc="calibration", unit="pass"):
-            items = [
-                (self.train.encodings[i], self._condition(self.train.conditions, i), "calibration:" + self.ids[i])
-                for i in group
-            ]
+            items = [(self.train.encodings[i], self.train.condition(i), "calibration:" + self.ids[i]) for i in group]
             for response in self.respond_many(items, config):
                 responses.append((response.after.losses - baseline).mean(1).abs())
         return torch.stack(responses).median(0).values, torch.tensor(indices)
@@ -312,10 +312,6 @@ class Engine:
         """``items`` in groups of :meth:`queries_per_pass`."""
         size = self.queries_per_pass()
         return [items[start : start + size] for start in range(0, len(items), size)]
-
-    @staticmethod
-    def _condition(conditions: torch.Tensor | None, index: int) -> torch.Tensor | None:
-        return None if conditions is None else conditions[index : index + 1]
 
     @staticmethod
     def score(

@@ -69,18 +69,14 @@ class Projector:
     ):
         if kind not in self.KINDS:
             raise ValueError(f"unknown projection {kind!r}; known: {self.KINDS}")
-        self.num_params, self.dim, self.seed, self.device, self.kind, self.chunk = (
-            num_params,
-            dim,
-            seed,
-            device,
-            kind,
-            chunk,
-        )
+        self.num_params, self.dim, self.seed, self.device = num_params, dim, seed, device
+        self.kind, self.chunk = kind, chunk
         bytes_per_row = 4 * dim if kind == "gaussian" else 9  # int64 bucket + int8 sign
         self.cached = num_params * bytes_per_row <= max_cached_bytes
-        starts = range(0, num_params, chunk)
-        self._blocks = [self._block(start) for start in starts] if self.cached else None
+        self._blocks = [self._block(start) for start in self._starts()] if self.cached else None
+
+    def _starts(self) -> range:
+        return range(0, self.num_params, self.chunk)
 
     def _block(self, start: int):
         rows = min(self.chunk, self.num_params - start)
@@ -93,7 +89,7 @@ class Projector:
 
     def blocks(self):
         """``(start, block)`` pairs in order, kept or regenerated."""
-        for index, start in enumerate(range(0, self.num_params, self.chunk)):
+        for index, start in enumerate(self._starts()):
             yield start, (self._blocks[index] if self.cached else self._block(start))
 
     def __call__(self, gradients: torch.Tensor) -> torch.Tensor:
