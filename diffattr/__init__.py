@@ -1,6 +1,6 @@
 """diffattr: which training images made this generated image? Forward-INF for diffusers models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import importlib
 

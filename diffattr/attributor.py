@@ -26,7 +26,7 @@ from . import __version__, distributed
 from .audit import AuditInputs, AuditReport, run_audit
 from .baselines import SCORERS, Scorer, ScorerContext, method_names
 from .candidates import DUPLICATE_RADIUS, candidate_rows
-from .config import AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
+from .config import MAX_IMAGE_PIXELS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
 from .data import ImageFolder, file_digest, load_image
 from .denoisers import Denoiser
 from .engine import Engine, Response, TrainingSet
@@ -105,7 +105,17 @@ def _sidecar_prompt(path: Path) -> str:
         raise DiffattrError(
             f"{path}: this text-to-image model needs the query's prompt: pass --prompt, or write it to {sidecar}"
         )
-    return sidecar.read_text(encoding="utf-8").strip()
+    try:
+        prompt = sidecar.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise DiffattrError(
+            f"{sidecar}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from None
+    if not prompt:
+        raise DiffattrError(
+            f"{sidecar} is empty: write the query's prompt into it, or pass --prompt (--prompt '' for none)"
+        )
+    return prompt
 
 
 def query_id_for(path: Path, condition: int | str | None, method: dict | None = None) -> str:
@@ -152,6 +162,7 @@ class Attributor:
         lora: a LoRA adapter folder fused into a text-to-image ``model`` given as a path.
         device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
         progress: show progress bars.
+        max_image_pixels: the largest width × height of an image read (training or query).
     """
 
     def __init__(
@@ -168,6 +179,7 @@ class Attributor:
         lora: str | Path | None = None,
         device: str | None = None,
         progress: bool = True,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         distributed.setup()  # launched by torchrun / accelerate: join the other processes first
         if not isinstance(model, Denoiser):
@@ -180,6 +192,9 @@ class Attributor:
         self.gradient = gradient or GradientConfig()
         self.clip = clip
         self.progress = progress and distributed.is_main()
+        if max_image_pixels < 1:
+            raise DiffattrError(f"--max-image-pixels {max_image_pixels}: must be at least 1")
+        self.max_image_pixels = max_image_pixels
         self.grid = ScoringGrid.of(model.num_train_timesteps, self.scoring)
         self._fingerprint: str | None = None  # of the training data, hashed once
         # The run-config check passed so far: None (not yet), False (without the attribution section), True (with).
@@ -190,6 +205,7 @@ class Attributor:
         self._reference: torch.Tensor | None = None
         self._scorers: dict[str, Scorer] = {}
         self._train_features: dict[str, torch.Tensor] = {}  # per method, as read or computed
+        self._results_saved = 0  # query results this object wrote
 
     @property
     def ids(self) -> list[str]:
@@ -250,11 +266,21 @@ class Attributor:
     def engine(self) -> Engine:
         """The engine over this model, the training set's (streamed) encodings and the run's grid."""
         if self._engine is None:
+            first_run = self.run.load_config() is None
             self._open_run(with_attribution=False)
             folder = self.run.encodings_dir
             if not shards_complete(folder):
-                write_shards(folder, len(self.ids), self._encode_rows, shard_rows=ENCODING_SHARD_ROWS)
-            tensors = ShardedTensor.open(folder)
+                try:
+                    write_shards(
+                        folder, len(self.ids), self._encode_rows, shard_rows=ENCODING_SHARD_ROWS, stamp=self.run.stamp
+                    )
+                except DiffattrError:  # e.g. an unreadable training image: the fixed rerun must not be refused
+                    if first_run:
+                        self.run.forget_settings()
+                        self._checked_attribution = None
+                    raise
+            row_shapes = {"encodings": tuple(self.model.sample_shape)}
+            tensors = ShardedTensor.open(folder, stamp=self.run.stamp, num_rows=len(self.ids), row_shapes=row_shapes)
             train = TrainingSet(tensors["encodings"], tensors.get("conditions"), self.ids)
             self._engine = Engine(self.model, train, self.grid, progress=self.progress)
         return self._engine
@@ -293,13 +319,15 @@ class Attributor:
 
     def load_image(self, path: Path) -> torch.Tensor:
         """An image file as the model sees it: ``(C, H, W)`` in ``[-1, 1]`` at its resolution."""
-        return load_image(path, resolution=self.model.resolution, channels=self.model.channels)
+        return load_image(
+            path, resolution=self.model.resolution, channels=self.model.channels, max_pixels=self.max_image_pixels
+        )
 
     def baseline(self) -> torch.Tensor:
         """``(N, K)`` baseline losses B, rows in the order of ``ids``: computed once, then read."""
         if self._baseline is None:
             engine = self.engine()
-            self._baseline = self.run.read_baseline()
+            self._baseline = self.run.read_baseline(self.timesteps, len(self.ids))
             if self._baseline is None:
                 self._baseline = engine.baseline()
                 self.run.write_baseline(self._baseline, self.timesteps)
@@ -312,7 +340,7 @@ class Attributor:
         if self._reference is None:
             self._perturbation_inputs()  # the calibration's perturbations need them too: load or save them first
             settings = self.attribution.to_dict()
-            self._reference = self.run.read_calibration(settings)
+            self._reference = self.run.read_calibration(settings, len(self.ids))
             if self._reference is None:
                 self._reference, indices = self.engine().calibration(self.attribution, self.baseline())
                 self.run.write_calibration(self._reference, indices, settings)
@@ -334,7 +362,8 @@ class Attributor:
         key = engine.fisher_key(self.attribution)
         if key not in engine.fishers:
             settings = {"params": key[0], "images": key[1]}
-            saved = self.run.read_fisher(settings)
+            shapes = {name: p.shape for name, p in select_parameters(self.model, self.attribution.params)}
+            saved = self.run.read_fisher(settings, shapes)
             if saved is None:
                 self.run.write_fisher(settings, engine.fisher(self.attribution))
             else:
@@ -414,14 +443,22 @@ class Attributor:
         batch = self._queries(paths, labels, prompts)
         if method != "forward-inf":
             return self._attribute_baseline(method, batch, top_k)
+        first_attribution = "attribution" not in (self.run.load_config() or {})
         self._open_run(with_attribution=True)
-        baseline = self.cache()
-        size = 1 if candidates is not None else self.engine().queries_per_pass()
-        return [
-            result
-            for start in range(0, len(batch), size)
-            for result in self._attribute_group(batch[start : start + size], baseline, top_k, candidates)
-        ]
+        saved_before = self._results_saved
+        try:
+            baseline = self.cache()
+            size = 1 if candidates is not None else self.engine().queries_per_pass()
+            return [
+                result
+                for start in range(0, len(batch), size)
+                for result in self._attribute_group(batch[start : start + size], baseline, top_k, candidates)
+            ]
+        except DiffattrError:  # e.g. a perturbation that diverged: the rerun with a smaller --lr must not be refused
+            if first_attribution and self._results_saved == saved_before:
+                self.run.forget_section("attribution")
+                self._checked_attribution = False
+            raise
 
     def _queries(self, paths: list[Path], labels, prompts) -> list[_Query]:
         labels = _one_per_query(labels, paths, "--label")
@@ -534,7 +571,7 @@ class Attributor:
             in_pixels = scorer.space == "pixels" and self.model.is_latent
             images, conditions = (self.training_images(), None) if in_pixels else self.encodings()
             settings = scorer.feature_settings()
-            features = self.run.read_features(scorer.name, settings) if scorer.cached else None
+            features = self.run.read_features(scorer.name, settings, len(self.ids)) if scorer.cached else None
             if features is None:
                 features = scorer.featurise(images, conditions, self.ids, description="training set")
                 if scorer.cached:
@@ -588,6 +625,7 @@ class Attributor:
         tensors = {"scores": result.scores, **tensors}
         if result.deltas is not None:
             tensors["deltas"] = result.deltas
+        self._results_saved += 1
         self.run.save_result(
             result.query_id,
             {

@@ -28,6 +28,7 @@ hold — the most memorized images would be the ones never flagged.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,11 +68,8 @@ from .store import (
     AUDIT_REPORT_FILE,
     AUDIT_SAMPLES_FILE,
     AUDIT_SCORES_FILE,
+    Expected,
     RunDirectory,
-    read_json,
-    read_tensors,
-    write_json,
-    write_tensors,
 )
 
 SAMPLE_BATCH = 64  # samples denoised together; each sample depends on its seed only
@@ -174,6 +172,23 @@ def _flat(encodings: torch.Tensor) -> torch.Tensor:
     return encodings.flatten(1).float()
 
 
+def _is_attributed(entry, ids: set[str]) -> bool:
+    """A replicas.json entry as :meth:`_Audit.attribute` writes it, naming training ``ids``."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("seed"), int)
+        and entry.get("top1") in ids
+        and isinstance(entry.get("top"), list)
+        and isinstance(entry.get("query_id"), str)
+    )
+
+
+def _number(value: torch.Tensor) -> float | None:
+    """A scalar for the report: ``None`` (JSON null) where it is infinite (e.g. a ratio to a zero reference)."""
+    number = value.item()
+    return number if math.isfinite(number) else None
+
+
 class _Audit:
     """One audit run over :class:`AuditInputs`."""
 
@@ -188,14 +203,26 @@ class _Audit:
     def file(self, name: str) -> Path:
         return self.inputs.store.audit_file(name)
 
+    @property
+    def store(self) -> RunDirectory:
+        return self.inputs.store
+
     def check_or_write_settings(self) -> None:
-        """Saves the audit settings, or refuses to mix a saved audit with other settings."""
+        """Saves the audit settings (with the run's stamp), or refuses to mix a saved audit with
+        other settings, or with files of an audit whose settings are gone."""
         settings = {"audit": self.config.to_dict()}
+        if self.config.samples:  # replicas are attributed: under the run's attribution settings
+            settings["attribution"] = (self.store.load_config() or {}).get("attribution")
         path = self.file(AUDIT_CONFIG_FILE)
         if not path.is_file():
-            write_json(path, settings)
+            if self.folder.is_dir() and any(self.folder.iterdir()):
+                raise DiffattrError(
+                    f"{self.folder} holds an audit's files but not its {AUDIT_CONFIG_FILE}: delete {self.folder} to "
+                    "redo the audit (the baseline is kept)"
+                )
+            self.store.save_json(path, settings)
             return
-        differences = config_differences(read_json(path), settings)
+        differences = config_differences(self.store.load_json(path), settings)
         if differences:
             raise DiffattrError(
                 f"{self.folder} holds an audit made with other settings ({'; '.join(differences)}): "
@@ -211,8 +238,18 @@ class _Audit:
 
     def neighbours(self, encodings: torch.Tensor) -> dict[str, torch.Tensor]:
         path = self.file(AUDIT_NEIGHBOURS_FILE)
+        num_images = len(self.ids)
         if path.is_file():
-            return read_tensors(path)
+            return self.store.load_tensors(
+                path,
+                {
+                    "distances": Expected((num_images, None), finite=False),  # inf: fewer neighbours than asked
+                    "indices": Expected((num_images, None), floating=False),
+                    "num_copies": Expected((num_images,), floating=False),
+                    "copies": Expected((num_images, None), floating=False),
+                    "reference": Expected((num_images,), finite=False),
+                },
+            )
         found = nearest_neighbours(
             _flat(encodings),
             _flat(encodings),
@@ -230,7 +267,7 @@ class _Audit:
             "copies": found.copies,
             "reference": reference_distance(found.distances),
         }
-        write_tensors(path, tensors)
+        self.store.save_tensors(path, tensors)
         return tensors
 
     # -- stage 3: samples and replicas --------------------------------------------------------------
@@ -253,7 +290,11 @@ class _Audit:
         seeds = [self.config.sample_seed + i for i in range(self.config.samples)]
         labels, prompts = self.sample_labels(seeds), self.sample_prompts(seeds)
         path = self.file(AUDIT_SAMPLES_FILE)
-        done = read_tensors(path)["samples"] if path.is_file() else torch.zeros(0, *self.model.sample_shape)
+        if path.is_file():
+            expected = {"samples": Expected((None, *self.model.sample_shape)), "seeds": Expected((None,), False)}
+            done = self.store.load_tensors(path, expected)["samples"]
+        else:
+            done = torch.zeros(0, *self.model.sample_shape)
         chunks = [done]
         for start in range(len(done), len(seeds), SAMPLE_BATCH):
             batch = slice(start, start + SAMPLE_BATCH)
@@ -267,7 +308,7 @@ class _Audit:
             )
             distributed.broadcast(samples)  # sharded: every process judges rank 0's samples (the replicas)
             chunks.append(samples)
-            write_tensors(path, {"samples": torch.cat(chunks), "seeds": torch.tensor(seeds[: batch.stop])})
+            self.store.save_tensors(path, {"samples": torch.cat(chunks), "seeds": torch.tensor(seeds[: batch.stop])})
         return torch.cat(chunks), seeds, labels, prompts
 
     def replicas(self, encodings: torch.Tensor, neighbours: dict[str, torch.Tensor]) -> list[dict]:
@@ -281,7 +322,11 @@ class _Audit:
         flags = is_replica(nearest.distances[:, 0], reference, alpha=self.config.alpha)
         ratios = carlini_ratio(nearest.distances[:, 0], reference)
         path = self.file(AUDIT_REPLICAS_FILE)
-        attributed = {entry["seed"]: entry for entry in read_json(path)} if path.is_file() else {}
+        saved = self.store.load_json(path).get("replicas") if path.is_file() else []
+        known = set(self.ids)
+        if not (isinstance(saved, list) and all(_is_attributed(entry, known) for entry in saved)):
+            raise DiffattrError(f"{path}: expected a list of attributed samples; delete it to recompute")
+        attributed = {entry["seed"]: entry for entry in saved}
         entries = []
         for g, (seed, label, prompt) in enumerate(zip(seeds, labels, prompts)):
             entry = {
@@ -293,17 +338,18 @@ class _Audit:
                     for i, d in zip(nearest.indices[g].tolist(), nearest.distances[g].tolist())
                     if i >= 0
                 ],
-                "reference": reference[g].item(),
-                "ratio": ratios[g].item(),
+                "reference": _number(reference[g]),
+                "ratio": _number(ratios[g]),
                 "replica": bool(flags[g]),
             }
             if entry["replica"]:
                 entry["file"] = f"{AUDIT_REPLICAS_DIR}/{seed:04d}.png"
-                if not self.file(entry["file"]).is_file():
+                if seed not in attributed or not self.file(entry["file"]).is_file():
+                    # Always from the (stamped) samples: never a file left by another run.
                     save_image(self.model.decode(samples[g : g + 1])[0].cpu(), self.file(entry["file"]))
                 if seed not in attributed:
                     attributed[seed] = self.attribute(entry)
-                    write_json(path, list(attributed.values()))
+                    self.store.save_json(path, {"replicas": list(attributed.values())})
                 entry.update({key: attributed[seed][key] for key in ("top1", "top", "query_id")})
             entries.append(entry)
         return entries
@@ -347,7 +393,7 @@ class _Audit:
         replicas, replica_evidence = self.replica_counts(encodings, samples)
         copies = neighbours["num_copies"]
         scores = combined_score(gap, replicas, replica_weight=self.config.replica_weight)
-        write_tensors(
+        self.store.save_tensors(
             self.file(AUDIT_SCORES_FILE),
             {
                 "score": scores,
@@ -372,7 +418,7 @@ class _Audit:
                     {"id": self.ids[j], "distance": d}
                     for j, d in zip(row[:NEAREST_LISTED], neighbours["distances"][i].tolist())
                 ],
-                "reference_distance": neighbours["reference"][i].item(),
+                "reference_distance": _number(neighbours["reference"][i]),
                 "copies": [self.ids[j] for j in neighbours["copies"][i].tolist() if j >= 0],
                 "replicas": replica_evidence.get(i, []),
             }
@@ -407,7 +453,7 @@ class _Audit:
             },
             "ranking": ranking,
         }
-        write_json(self.file(AUDIT_REPORT_FILE), report)
+        self.store.save_json(self.file(AUDIT_REPORT_FILE), report)
         return report
 
     # -- optional: leakage and mislabels ------------------------------------------------------------
@@ -433,13 +479,13 @@ class _Audit:
                         "id": record.id,
                         "top1": self.ids[top1[r]],
                         "distance": distance[r].item(),
-                        "reference": reference[r].item(),
-                        "ratio": ratios[r].item(),
+                        "reference": _number(reference[r]),
+                        "ratio": _number(ratios[r]),
                         "copy": bool(copies[r]),
                     }
                 )
-        entries.sort(key=lambda entry: entry["ratio"])
-        write_json(
+        entries.sort(key=lambda entry: math.inf if entry["ratio"] is None else entry["ratio"])
+        self.store.save_json(
             self.file(AUDIT_LEAKAGE_FILE),
             {
                 "test": str(test.root),
@@ -458,7 +504,11 @@ class _Audit:
         num_classes = self.model.num_classes
         path = self.file(AUDIT_MISLABELED_LOSSES_FILE)
         if path.is_file():
-            saved = read_tensors(path)
+            expected = {
+                "class_losses": Expected((len(self.ids), num_classes, baseline.shape[1]), nan=True),  # NaN: to do
+                "done": Expected((num_classes,), floating=False),
+            }
+            saved = self.store.load_tensors(path, expected)
             losses, done = saved["class_losses"], saved["done"].bool()
         else:
             losses = torch.full((len(self.ids), num_classes, baseline.shape[1]), float("nan"))
@@ -480,7 +530,7 @@ class _Audit:
                 )
                 losses[others, label] = matrix.losses
             done[label] = True
-            write_tensors(path, {"class_losses": losses, "done": done})
+            self.store.save_tensors(path, {"class_losses": losses, "done": done})
         mean_losses = losses.mean(2)
         scores, best = mislabel_scores(mean_losses, labels)
         entries = [
@@ -494,7 +544,7 @@ class _Audit:
             }
             for i in ranking_order(scores).tolist()
         ]
-        write_json(
+        self.store.save_json(
             self.file(AUDIT_MISLABELED_FILE),
             {
                 "score": "mean loss over the grid under the image's own label minus the lowest such loss under "
@@ -536,7 +586,7 @@ def run_audit(
     mislabels = audit.mislabeled(inputs.baseline) if mislabeled else None
     if inputs.progress:
         tqdm.write(f"audit: {time.perf_counter() - start:.1f}s after the baseline")
-    signals = read_tensors(audit.file(AUDIT_SCORES_FILE))
+    signals = inputs.store.load_tensors(audit.file(AUDIT_SCORES_FILE))
     return AuditReport(
         ids=inputs.ids,
         scores=signals["score"],

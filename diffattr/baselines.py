@@ -121,7 +121,7 @@ class ClipScorer(Scorer):
 
     def settings(self):
         clip = self.context.clip
-        return {"method": self.name, "clip_model": clip.name, "clip_weights": clip.weights}
+        return {"method": self.name, "clip_model": clip.name, "clip_weights": clip.weights, "clip": clip.fingerprint}
 
     def featurise(self, images, conditions, names, *, description):
         return self.context.clip.embed(images)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 from .baselines import method_names
-from .config import AttributionConfig, AuditConfig, GradientConfig, ScoringConfig, flag_name
+from .config import MAX_IMAGE_PIXELS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig, flag_name
 from .errors import DiffattrError
+
+DEBUG_HELP = "on an unexpected error, show the Python traceback"
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
@@ -25,26 +28,53 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class) -> None:
         )
 
 
+def path_argument(value: str) -> Path:
+    """A path flag's value, refused by argparse (one line) when no file could have that name."""
+    if "\0" in value:
+        raise argparse.ArgumentTypeError(f"{value!r} contains a NUL byte, which no file name can hold")
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(value).decode("utf-8", "backslashreplace")
+        raise argparse.ArgumentTypeError(f"{shown}: not valid UTF-8; rename the file or folder") from None
+    if any(ord(character) < 32 or ord(character) == 127 for character in value):
+        raise argparse.ArgumentTypeError(f"{value!r} holds control characters; rename the file or folder")
+    longest = max((len(part.encode("utf-8")) for part in Path(value).parts), default=0)
+    if longest > 255 or len(encoded) > 4095:
+        raise argparse.ArgumentTypeError(f"{value[:60]}…: longer than file names can be (255 bytes a part)")
+    return Path(value)
+
+
 def _config_from(args: argparse.Namespace, config_class):
     return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
 
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="local diffusers pipeline or UNet folder")
-    parser.add_argument("--scheduler", type=Path, help="scheduler folder, for a bare UNet folder --model")
+    parser.add_argument("--model", required=True, type=path_argument, help="local diffusers pipeline or UNet folder")
+    parser.add_argument("--scheduler", type=path_argument, help="scheduler folder, for a bare UNet folder --model")
     parser.add_argument(
-        "--lora", type=Path, help="LoRA adapter folder (diffusers/peft format), fused into a text-to-image --model"
+        "--lora",
+        type=path_argument,
+        help="LoRA adapter folder (diffusers/peft format), fused into a text-to-image --model",
     )
-    parser.add_argument("--train", required=True, type=Path, help="training image folder (imagefolder layout)")
-    parser.add_argument("--run-dir", required=True, type=Path, help="where caches and results are stored")
+    parser.add_argument("--train", required=True, type=path_argument, help="training image folder (imagefolder layout)")
+    parser.add_argument("--run-dir", required=True, type=path_argument, help="where caches and results are stored")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: auto)")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
+        help=f"largest width × height of an image read, checked before decoding (default: {MAX_IMAGE_PIXELS:,})",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(parser, ScoringConfig)
 
 
 def _add_clip_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-model", default="ViT-B-32", help="open_clip architecture, or a model-config JSON file")
-    parser.add_argument("--clip-weights", type=Path, help="local open_clip checkpoint (.safetensors, .pt, .bin)")
+    parser.add_argument(
+        "--clip-weights", type=path_argument, help="local open_clip checkpoint (.safetensors, .pt, .bin)"
+    )
 
 
 def _clip(args):
@@ -59,6 +89,7 @@ def _clip(args):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffattr", description="Which training images made this generated image?")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     cache = commands.add_parser(
@@ -71,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     attribute = commands.add_parser("attribute", help="rank the training images by influence on query images")
     _add_common_flags(attribute)
-    attribute.add_argument("--query", required=True, action="append", type=Path, help="query image (repeatable)")
+    attribute.add_argument(
+        "--query", required=True, action="append", type=path_argument, help="query image (repeatable)"
+    )
     attribute.add_argument(
         "--label", action="append", type=int, help="class label of the queries (once for all, or once per --query)"
     )
@@ -102,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit = commands.add_parser("audit", help="rank the training images by how memorized they look, with evidence")
     _add_common_flags(audit)
     audit.add_argument(
-        "--leakage", type=Path, metavar="TEST_DIR", help="test image folder: which test images copy training images"
+        "--leakage",
+        type=path_argument,
+        metavar="TEST_DIR",
+        help="test image folder: which test images copy training images",
     )
     audit.add_argument(
         "--mislabeled", action="store_true", help="also rank training images by mislabel score (class-conditional)"
@@ -112,18 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(audit, AttributionConfig)
 
     demo = commands.add_parser("demo", help="offline demo: bundled toy model and digits → attributions")
-    demo.add_argument("--out", type=Path, default=Path("diffattr-demo"), help="output folder (default: diffattr-demo)")
+    demo.add_argument(
+        "--out", type=path_argument, default=Path("diffattr-demo"), help="output folder (default: diffattr-demo)"
+    )
     demo.add_argument("--device", default="auto")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     gallery = commands.add_parser("gallery", help="static HTML pages of a run directory's attributions and audit")
-    gallery.add_argument("--run-dir", required=True, type=Path, help="a run directory of `diffattr attribute`")
-    gallery.add_argument("--out", type=Path, help="output folder (default: <run-dir>/gallery)")
+    gallery.add_argument("--run-dir", required=True, type=path_argument, help="a run directory of `diffattr attribute`")
+    gallery.add_argument("--out", type=path_argument, help="output folder (default: <run-dir>/gallery)")
     gallery.add_argument("--top-k", type=int, help="training images per query (default: all in result.json)")
-    gallery.add_argument("--train", type=Path, help="training image folder (default: the one in config.json)")
+    gallery.add_argument("--train", type=path_argument, help="training image folder (default: the one in config.json)")
     _add_clip_flags(gallery)
     gallery.add_argument("--device", default="auto", help="where CLIP runs: cpu, cuda, … (default: auto)")
     gallery.add_argument("--quiet", action="store_true", help="no progress bars")
+    for command in commands.choices.values():  # also after the subcommand; SUPPRESS keeps the main flag's value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -139,6 +179,7 @@ def _attributor(args, **extra):
         lora=args.lora,
         device=args.device,
         progress=not args.quiet,
+        max_image_pixels=args.max_image_pixels,
         **extra,
     )
 
@@ -196,11 +237,32 @@ def run(args: argparse.Namespace) -> None:
         run_demo(args.out, device=args.device, progress=not args.quiet)
 
 
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:500] or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; no traceback reaches the user unless ``--debug`` asks for it."""
     args = build_parser().parse_args(argv)
     try:
         run(args)
     except DiffattrError as error:
-        print(f"diffattr: error: {error}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"diffattr: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("diffattr: interrupted; rerun the same command to resume (finished work is kept)", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        print(
+            f"diffattr: unexpected error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

@@ -7,13 +7,14 @@ converted, resized and normalised here in torch, so no PIL round trip is needed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .data import file_digest
 from .errors import DiffattrError
+from .store import read_json
 
 # open_clip's defaults for models trained on OpenAI's recipe.
 _MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,11 +35,12 @@ class ClipEmbedder:
     def __init__(self, model_name: str, weights: str | Path | None, *, device: str | torch.device = "cpu"):
         import open_clip  # heavy import: only when CLIP is asked for
 
+        config_file = None
         if model_name.endswith(".json"):
-            config = Path(model_name)
+            config = config_file = Path(model_name)
             if not config.is_file():
                 raise DiffattrError(f"--clip-model {config}: no such open_clip config file")
-            json.loads(config.read_text())  # a clear error for a broken file, before open_clip's
+            read_json(config, advice="fix or replace the file")  # a clear error for a broken file, before open_clip's
             open_clip.add_model_config(config)
             model_name = config.stem
         if model_name not in open_clip.list_models():
@@ -53,6 +55,9 @@ class ClipEmbedder:
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.name = model_name
         self.weights = None if weights is None else str(weights)
+        # Content, not paths: a checkpoint or config overwritten in place gives new features.
+        files = [Path(f) for f in (weights, config_file) if f is not None]
+        self.fingerprint = ":".join(file_digest(f) for f in files)
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:

@@ -15,6 +15,7 @@ every config through JSON. No torch here: ``diffattr --help`` stays fast.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -22,6 +23,8 @@ from .errors import DiffattrError
 from .scoring import AGGREGATIONS
 
 DIRECTIONS = ("descent", "ascent")
+# Pixels an image may have (width × height) before it is refused undecoded (--max-image-pixels).
+MAX_IMAGE_PIXELS = 100_000_000
 DTYPES = ("fp32", "bf16", "fp16")  # --dtype of the scoring passes
 # --optimizer name -> torch.optim class name (perturb.py builds it; no torch import here)
 OPTIMIZERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD"}
@@ -48,9 +51,20 @@ def _check(condition: bool, name: str, value, allowed: str) -> None:
         raise DiffattrError(f"{flag_name(name)} {value!r}: must be {allowed}")
 
 
+def _check_finite(config, *names: str) -> None:
+    """NaN or an infinity in these float fields would make every score NaN: refused up front."""
+    for name in names:
+        value = getattr(config, name)
+        _check(value is None or math.isfinite(value), name, value, "a finite number")
+
+
 class _JSONConfig:
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as strict JSON values: an infinite float (``--damping inf``) as the string ``"inf"``."""
+        return {
+            name: str(value) if isinstance(value, float) and math.isinf(value) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, values: dict):
@@ -65,7 +79,8 @@ class _JSONConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise DiffattrError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        floats = {f.name for f in dataclasses.fields(cls) if f.metadata["type"] is float}
+        return cls(**{k: float(v) if k in floats and v in ("inf", "-inf") else v for k, v in values.items()})
 
 
 @dataclass(frozen=True)
@@ -75,7 +90,11 @@ class ScoringConfig(_JSONConfig):
     num_timesteps: int = _field(10, "K: timesteps in the scoring grid (centres of K equal bins)")
     num_draws: int = _field(1, "S: noise draws per (image, timestep), averaged")
     seed: int = _field(0, "run seed: the noise of (image, timestep, draw) is a pure function of it")
-    batch_size: int = _field(256, "rows (image × timestep × draw) per forward pass; no effect on results")
+    batch_size: int = _field(
+        256,
+        "rows (image × timestep × draw) per forward pass; the noise is the same, the scores equal to float "
+        "rounding (~1e-7: the kernels sum in another order)",
+    )
     dtype: str = _field(
         "fp32",
         "precision of the scoring passes' forward: fp32, or bf16 / fp16 under autocast (GPUs; losses still "
@@ -155,6 +174,7 @@ class AttributionConfig(_JSONConfig):
         return self.target_change is not None or self.null_stop is not None
 
     def __post_init__(self):
+        _check_finite(self, "learning_rate", "query_weight", "null_stop", "ewc_weight")
         _check(self.direction in DIRECTIONS, "direction", self.direction, f"one of {DIRECTIONS}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {tuple(OPTIMIZERS)}")
         _check(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {tuple(AGGREGATIONS)}")
@@ -205,6 +225,7 @@ class GradientConfig(_JSONConfig):
     )
 
     def __post_init__(self):
+        _check(not math.isnan(self.damping), "damping", self.damping, "a number (inf for no kernel)")
         _check(self.projection_dim >= 1, "projection_dim", self.projection_dim, "at least 1")
         _check(self.damping > 0, "damping", self.damping, "positive (inf for no kernel)")
         _check(self.projection in ("gaussian", "sparse"), "projection", self.projection, "gaussian or sparse")
@@ -237,6 +258,7 @@ class AuditConfig(_JSONConfig):
     replica_weight: float = _field(2.0, "score added to an image per doubling of the replicas attributed to it")
 
     def __post_init__(self):
+        _check_finite(self, "alpha", "copy_tolerance", "gap_timesteps", "replica_weight")
         _check(0 <= self.samples <= 1_000_000, "samples", self.samples, "between 0 and 1000000")
         _check(0 <= self.sample_seed < 2**63, "sample_seed", self.sample_seed, "a non-negative integer")
         _check(self.sampling_steps >= 0, "sampling_steps", self.sampling_steps, "0 (all) or a positive integer")

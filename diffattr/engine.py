@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import AttributionConfig
 from .denoisers import Denoiser
+from .errors import DiffattrError
 from .fisher import diagonal_fisher
 from .losses import LossMatrix, loss_matrices, loss_matrix
 from .noise import ScoringGrid, noise_key
@@ -97,6 +98,13 @@ def spread_indices(num_images: int, count: int) -> list[int]:
     return [(2 * j + 1) * num_images // (2 * count) for j in range(count)]
 
 
+def _check_finite(values: torch.Tensor, what: str, advice: str) -> None:
+    """NaN or inf would rank the training images by their order on disk: refused, naming the stage."""
+    bad = (~torch.isfinite(values)).sum().item()
+    if bad:
+        raise DiffattrError(f"{what} hold {bad} NaN or infinite values of {values.numel()}; {advice}")
+
+
 class Engine:
     """Forward-INF over one model and training set.
 
@@ -146,7 +154,9 @@ class Engine:
 
     def baseline(self) -> torch.Tensor:
         """B: ``(N, K)`` losses of the unperturbed model."""
-        return self.losses(description="baseline").losses
+        baseline = self.losses(description="baseline").losses
+        _check_finite(baseline, "the baseline losses", "the model's weights or the training images hold NaN or inf")
+        return baseline
 
     def null_loss(self) -> float:
         """L_null: an untrained network's mean loss over the training set on the run's grid (MUCS's
@@ -272,6 +282,10 @@ class Engine:
             description=description,
         )
         score_seconds = (time.perf_counter() - start) / len(items)  # the shared pass, per image
+        for (_, _, name), after in zip(items, matrices):
+            _check_finite(
+                after.losses, f"the training losses after the perturbation on {name}", "lower --lr or --steps"
+            )
         return [
             Response(
                 after,
@@ -327,14 +341,17 @@ class Engine:
         if response.rows is not None:
             baseline = baseline[response.rows]
             reference = None if reference is None else reference[response.rows]
-        return aggregate(
-            aggregation or config.aggregation,
+        aggregation = aggregation or config.aggregation
+        scores = aggregate(
+            aggregation,
             baseline=baseline,
             after=response.after.losses,
             direction=config.direction,
             change=response.after.prediction_change,
             reference=reference,
         )
+        _check_finite(scores, f"the {aggregation} scores", "lower --lr or --steps, or try --aggregation loss")
+        return scores
 
     def query_scores(
         self,

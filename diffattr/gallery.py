@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .data import ImageFolder, file_digest, load_image
 from .errors import DiffattrError
 from .files import atomic_write
-from .store import AUDIT_REPORT_FILE, CONFIG_FILE, RunDirectory, read_json
+from .store import AUDIT_REPORT_FILE, CONFIG_FILE, RunDirectory
 
 DEFAULT_AUDIT_ENTRIES = 50
 THUMB_PX = 128  # training images and replicas
@@ -401,12 +401,15 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _query_page(run: _Run, folder: Path, thumbs: Thumbnails, clip: _ClipSimilarity | None, top_k) -> dict:
-    result, scores = run.store.load_result(folder)
+    result, scores = run.store.load_result(folder, None if run.ids is None else len(run.ids))
     source = run.store.result_file(folder)  # named in errors
     query_id = str(result.get("query_id") or folder.name)
     entries = _top_entries(run, result, scores, top_k)
     paths = [run.train_path(e["id"], source=source) if isinstance(e.get("id"), str) else None for e in entries]
-    similarity = clip.similarities(run.store.query_image(folder), paths) if clip is not None else [None] * len(entries)
+    query_image = run.store.query_image(folder)
+    if query_image.is_symlink() or not query_image.resolve().is_relative_to(run.store.path.resolve()):
+        raise DiffattrError(f"{query_image} is a link; the gallery reads only the run directory's own files")
+    similarity = clip.similarities(query_image, paths) if clip is not None else [None] * len(entries)
     # Rank of each image by CLIP similarity among the shown ones: where it differs from the
     # influence rank, influence and look-alikes disagree.
     by_look = sorted((i for i, sim in enumerate(similarity) if sim is not None), key=lambda i: -similarity[i])
@@ -432,7 +435,8 @@ def _query_page(run: _Run, folder: Path, thumbs: Thumbnails, clip: _ClipSimilari
         if rows and shapes_match and torch.isfinite(deltas).all():
             plot = delta_plot(run.timesteps, deltas, rows)
     query_name = Path(str(result.get("query") or query_id)).name
-    settings = (result.get("config") or {}).get("attribution") or {}
+    config = result.get("config") if isinstance(result.get("config"), dict) else {}
+    settings = config.get("attribution") if isinstance(config.get("attribution"), dict) else {}
     return {
         "id": query_id,
         "page": _page_name(folder.name),  # folder names are unique; a result.json's query_id might not be
@@ -441,7 +445,7 @@ def _query_page(run: _Run, folder: Path, thumbs: Thumbnails, clip: _ClipSimilari
         "prompt": result.get("prompt"),
         "label": result.get("label"),
         "method": result.get("method"),
-        "image": thumbs(run.store.query_image(folder), QUERY_PX),
+        "image": thumbs(query_image, QUERY_PX),
         "top": top,
         "plot": plot,
         "direction": settings.get("direction") if isinstance(settings, dict) else None,
@@ -484,9 +488,7 @@ def _audit_page(run: _Run, thumbs: Thumbnails, limit: int, progress: bool) -> di
     source = run.store.audit_file(AUDIT_REPORT_FILE)
     if not source.is_file():
         return None
-    report = read_json(source)
-    if not isinstance(report, dict):
-        raise DiffattrError(f'{source}: expected a JSON object with a "ranking" list')
+    report = run.store.load_json(source)  # refused unless this run's stamp: no audit of another run
     ranking = report.get("ranking")
     ranking = [entry for entry in ranking if isinstance(entry, dict)] if isinstance(ranking, list) else []
     entries = []

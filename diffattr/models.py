@@ -34,17 +34,38 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``"auto"`` picks CUDA when available, else the CPU."""
+    """``None`` or ``"auto"`` picks CUDA when available, else the CPU.
+
+    Raises:
+        DiffattrError: not a device name, or a device this machine does not have.
+    """
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DiffattrError(f"--device {device}: not a device; use auto, cpu, cuda, cuda:1, mps, …") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DiffattrError(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+        if resolved.index is not None and resolved.index >= count:
+            raise DiffattrError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 … cuda:{count - 1}")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise DiffattrError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif resolved.type not in ("cpu", "cuda", "mps"):
+        raise DiffattrError(f"--device {device}: diffattr runs on cpu, cuda or mps")
+    return resolved
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise DiffattrError(f"{path}: cannot read this JSON file ({error})") from None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: JSON or UTF-8 decoding
+        raise DiffattrError(f"{path}: cannot read this JSON file ({type(error).__name__}: {error})") from None
+    if not isinstance(value, dict):
+        raise DiffattrError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _folder_digest(folder: Path) -> str:
@@ -91,10 +112,15 @@ def _load_scheduler(folder: Path):
     if not config_path.is_file():
         raise DiffattrError(f"scheduler folder {folder} has no scheduler_config.json (pass --scheduler DIR)")
     class_name = _read_json(config_path).get("_class_name", "DDPMScheduler")
-    scheduler_class = getattr(diffusers, class_name, None)
-    if scheduler_class is None:
-        raise DiffattrError(f"{config_path}: unknown scheduler class {class_name!r}")
-    scheduler = scheduler_class.from_pretrained(folder)
+    scheduler_class = getattr(diffusers, class_name, None) if isinstance(class_name, str) else None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+        raise DiffattrError(
+            f"{config_path}: _class_name {class_name!r} is not a diffusers scheduler class (e.g. DDPMScheduler)"
+        )
+    try:
+        scheduler = scheduler_class.from_pretrained(folder)
+    except Exception as error:  # diffusers raises many types for a config it cannot use
+        raise DiffattrError(f"{config_path}: cannot load this scheduler ({type(error).__name__}: {error})") from None
     if not hasattr(scheduler, "alphas_cumprod"):
         raise DiffattrError(f"{config_path}: {class_name} has no `alphas_cumprod`; use a DDPM-family scheduler config")
     prediction_type = scheduler.config.get("prediction_type", "epsilon")
@@ -153,8 +179,11 @@ def _load_component(name: str, folder: Path):
         model_class = getattr(diffusers, class_name)
     try:
         model = model_class.from_pretrained(folder, torch_dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise DiffattrError(f"{name} folder {folder}: cannot load the model ({error})") from None
+    except Exception as error:  # a damaged or foreign weights file fails in many ways (pickle, safetensors, shapes)
+        message = " ".join(str(error).split())[:300]
+        raise DiffattrError(
+            f"{name} folder {folder}: cannot load the model ({type(error).__name__}: {message})"
+        ) from None
     return model.requires_grad_(False).eval()
 
 

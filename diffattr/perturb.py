@@ -17,6 +17,7 @@ loop with an EWC penalty from the training loss's diagonal Fisher (``fisher.py``
 from __future__ import annotations
 
 import copy
+import math
 import re
 from typing import NamedTuple
 
@@ -215,6 +216,7 @@ def perturbed_copy(
                 break
             loss = query_term()
             history.append(loss.item())
+            _check_finite(history[-1], steps, config)
             if at_bound or (config.stops_early and done(history)):
                 break
             objective = sign * config.query_weight * loss
@@ -228,9 +230,20 @@ def perturbed_copy(
             steps += 1
             bar.update()
         bar.close()
+    if not all(torch.isfinite(parameter).all() for parameter in moving):  # the last step's effect, unseen above
+        _check_finite(float("nan"), steps, config)
     for parameter in network.parameters():  # a kept copy (shared passes) holds no gradients
         parameter.grad = None
     return PerturbedCopy(network.requires_grad_(False), history, steps)
+
+
+def _check_finite(loss: float, steps: int, config: AttributionConfig) -> None:
+    """A perturbation that diverged would score every training image NaN: refused, naming the flags."""
+    if not math.isfinite(loss):
+        raise DiffattrError(
+            f"the perturbation diverged: the query's loss is {loss} after {steps} of --steps {config.steps} "
+            f"(--lr {config.learning_rate:g}, --direction {config.direction}); lower --lr or --steps"
+        )
 
 
 def _retain_loss(model, network, retain, batch_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -5,11 +5,13 @@ keys, plus ``index.json`` (written last, so a folder without it is unfinished)::
 
     <folder>/00000.safetensors   {"encodings": (n0, ...), "conditions": (n0, ...)}
     <folder>/00001.safetensors   ...
-    <folder>/index.json          {"num_rows": N, "shard_rows": S, "keys": [...]}
+    <folder>/index.json          {"num_rows": N, "shard_rows": S, "keys": [...], "stamp": ...}
 
 Shard j holds rows ``[j·S, (j+1)·S)``. A reader loads one shard at a time, so scoring a training
 set of any size keeps one shard (plus the model) in memory; an interrupted writer resumes after
-its last complete shard.
+its last complete shard. Every shard and the index carry the run's stamp (``store.py``), and each
+shard is checked when read (stamp, rows, row shape, dtype, finite values): a shard of another run,
+a damaged one or a missing one is refused by name.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import DiffattrError
-from .store import read_json, read_tensors, write_json, write_tensors
+from .store import STAMP_KEY, Expected, check_tensor, read_json, read_tensors, write_json, write_tensors
 
 INDEX_FILE = "index.json"
 
@@ -36,6 +37,7 @@ def write_shards(
     compute: Callable[[int, int], dict[str, torch.Tensor]],
     *,
     shard_rows: int,
+    stamp: str,
 ) -> None:
     """Writes ``compute(start, stop)`` for each shard of rows, skipping shards already on disk.
 
@@ -44,28 +46,47 @@ def write_shards(
         num_rows: N, the total number of rows.
         compute: returns the tensors of rows ``[start, stop)``, every key with ``stop − start`` rows.
         shard_rows: S, rows per shard file.
+        stamp: the run's stamp, written into every shard; a shard already there must carry it.
     """
     folder.mkdir(parents=True, exist_ok=True)
     keys: list[str] | None = None
     for index, start in enumerate(range(0, num_rows, shard_rows)):
         path = _shard_file(folder, index)
-        if path.is_file():
-            continue
         stop = min(start + shard_rows, num_rows)
+        if path.is_file():
+            try:
+                read_tensors(path, stamp=stamp)
+                continue
+            except DiffattrError:  # left by an unfinished run under other settings, or damaged: redone
+                pass
         tensors = compute(start, stop)
         for key, value in tensors.items():
             if len(value) != stop - start:
                 raise ValueError(f"{key}: {len(value)} rows for shard rows [{start}, {stop})")
         keys = sorted(tensors)
-        write_tensors(path, tensors)
+        write_tensors(path, tensors, {STAMP_KEY: stamp})
     if keys is None:  # every shard was already there
-        with safe_open(_shard_file(folder, 0), framework="pt") as handle:
-            keys = sorted(handle.keys())
-    write_json(folder / INDEX_FILE, {"num_rows": num_rows, "shard_rows": shard_rows, "keys": keys})
+        keys = sorted(read_tensors(_shard_file(folder, 0), stamp=stamp))
+    index = {"num_rows": num_rows, "shard_rows": shard_rows, "keys": keys, "stamp": stamp}
+    write_json(folder / INDEX_FILE, index)
 
 
 def shards_complete(folder: Path) -> bool:
     return (folder / INDEX_FILE).is_file()
+
+
+def _read_index(folder: Path, stamp: str, num_rows: int) -> dict:
+    path = Path(folder) / INDEX_FILE
+    index = read_json(path)
+    redo = f"delete {folder} to recompute"
+    if not isinstance(index, dict) or index.get("stamp") != stamp:
+        raise DiffattrError(f"{path}: written under other settings than the run directory's config.json; {redo}")
+    if index.get("num_rows") != num_rows:
+        raise DiffattrError(f"{path}: {index.get('num_rows')!r} rows for {num_rows} training images; {redo}")
+    shard_rows, keys = index.get("shard_rows"), index.get("keys")
+    if not (isinstance(shard_rows, int) and shard_rows >= 1 and isinstance(keys, list) and keys):
+        raise DiffattrError(f"{path}: not a shard index; {redo}")
+    return index
 
 
 class ShardedTensor:
@@ -73,28 +94,35 @@ class ShardedTensor:
 
     Supports ``len``, ``shape``, ``dtype``, indexing by an int, a slice or an index tensor (rows are
     read shard by shard, so sorted indices cost one read per shard), and :meth:`load` for all rows.
+    Each shard is checked when read: the run's stamp, its rows, the row shape of the first shard
+    (and ``row_shape`` when given), a float or integer dtype as the first shard's, finite floats.
     """
 
-    def __init__(self, folder: Path, key: str):
+    def __init__(self, folder: Path, key: str, index: dict, stamp: str, row_shape: tuple | None = None):
         self.folder = Path(folder)
-        index = read_json(self.folder / INDEX_FILE)
         if key not in index["keys"]:
             raise KeyError(key)
         self.key = key
+        self.stamp = stamp
         self.num_rows: int = index["num_rows"]
         self.shard_rows: int = index["shard_rows"]
-        with safe_open(_shard_file(self.folder, 0), framework="pt") as handle:
-            sliced = handle.get_slice(key)
-            self._row_shape = tuple(sliced.get_shape()[1:])
-            self.dtype = sliced[0:1].dtype
         self._cached: tuple[int, torch.Tensor] | None = None
+        self._row_shape, self.dtype = row_shape, None  # until the first shard tells them
+        self._floating = True if row_shape is not None else None  # a key of known row shape holds floats
+        first = self._shard(0)
+        self._row_shape, self.dtype = tuple(first.shape[1:]), first.dtype
 
     @classmethod
-    def open(cls, folder: Path) -> dict[str, ShardedTensor]:
-        """Every key of a complete sharded folder."""
+    def open(
+        cls, folder: Path, *, stamp: str, num_rows: int, row_shapes: dict[str, tuple] | None = None
+    ) -> dict[str, ShardedTensor]:
+        """Every key of a complete sharded folder of this run (``stamp``) with ``num_rows`` rows;
+        ``row_shapes``: the row shape of the keys that must hold float32 rows of that shape."""
         if not shards_complete(folder):
             raise DiffattrError(f"{folder} is unfinished (no {INDEX_FILE}); delete it to recompute")
-        return {key: cls(folder, key) for key in read_json(Path(folder) / INDEX_FILE)["keys"]}
+        index = _read_index(folder, stamp, num_rows)
+        shapes = row_shapes or {}
+        return {key: cls(folder, key, index, stamp, shapes.get(key)) for key in index["keys"]}
 
     @property
     def shape(self) -> torch.Size:
@@ -105,7 +133,15 @@ class ShardedTensor:
 
     def _shard(self, index: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != index:
-            self._cached = (index, read_tensors(_shard_file(self.folder, index))[self.key])
+            path = _shard_file(self.folder, index)
+            tensor = read_tensors(path, stamp=self.stamp).get(self.key)
+            if tensor is None:
+                raise DiffattrError(f"{path}: no tensor {self.key!r}; delete {self.folder} to recompute")
+            rows = min(self.shard_rows, self.num_rows - index * self.shard_rows)
+            shape = (rows, ...) if self._row_shape is None else (rows, *self._row_shape)
+            floating = self._floating if self._floating is not None else (self.dtype or tensor.dtype).is_floating_point
+            check_tensor(path, self.key, tensor, Expected(shape, floating))
+            self._cached = (index, tensor)
         return self._cached[1]
 
     def __getitem__(self, rows) -> torch.Tensor:

@@ -19,20 +19,28 @@
 :class:`RunDirectory` is the only code that knows this layout; everything else asks it. A second
 run whose settings differ from the saved ones is refused with the differing fields: numbers
 computed under one configuration are never silently mixed with another's.
+
+Every cached artifact also carries the run's *stamp* (a hash of the checked model, data and scoring
+sections: safetensors metadata ``diffattr.stamp``, a ``"stamp"`` field of JSON objects) and is
+checked against it when read, with its tensors' keys, shapes, dtypes and finiteness: a file left
+from another run (``config.json`` deleted or replaced by hand) or damaged on disk is refused by
+name, never used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .config import AttributionConfig, ScoringConfig, config_differences, with_defaults
 from .errors import DiffattrError
 from .files import atomic_write
@@ -64,17 +72,25 @@ AUDIT_MISLABELED_LOSSES_FILE = "mislabeled.safetensors"
 # Sections of config.json whose values shape the numbers; the rest (paths, versions) is information.
 CHECKED_SECTIONS = ("model", "data", "scoring", "attribution")
 UNCHECKED_KEYS = {"source", "root"}
+STAMP_KEY = "diffattr.stamp"  # safetensors metadata key of an artifact's run stamp
+LOCK_FILE = ".lock"
 
 
 def write_json(path: Path, value) -> None:
-    atomic_write(Path(path), lambda p: Path(p).write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8"))
+    """Strict JSON (no bare NaN or Infinity: any other reader must parse it), written atomically."""
+    try:
+        text = json.dumps(value, indent=2, allow_nan=False) + "\n"
+    except ValueError as error:
+        raise DiffattrError(f"{path}: refusing to write a non-finite number ({error})") from None
+    atomic_write(Path(path), lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
-def read_json(path: Path):
+def read_json(path: Path, *, advice: str = "delete it to recompute"):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise DiffattrError(f"{path}: cannot read this JSON file ({error}); delete it to recompute") from None
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: JSON or UTF-8 decoding
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise DiffattrError(f"{path}: cannot read this JSON file ({reason}); {advice}") from None
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -82,11 +98,77 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     atomic_write(Path(path), lambda p: save_file(tensors, p, metadata=metadata))
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Expected:
+    """What a cached tensor must look like: its shape (``None`` for any size, a trailing ``...``
+    for any further dimensions), whether it holds float32 (what diffattr writes) or integers, and
+    whether the floats must be finite (``finite=False``: ±inf allowed as padding, never NaN)."""
+
+    shape: tuple
+    floating: bool = True
+    finite: bool = True
+    nan: bool = False  # NaN allowed (a placeholder for rows still to compute)
+
+
+def check_tensor(path: Path, key: str, tensor: torch.Tensor, expected: Expected) -> None:
+    shape = expected.shape
+    free = bool(shape) and shape[-1] is Ellipsis
+    fixed = shape[:-1] if free else shape
+    fits = (len(tensor.shape) >= len(fixed) if free else len(tensor.shape) == len(fixed)) and all(
+        size is None or size == actual for size, actual in zip(fixed, tensor.shape)
+    )
+    problem = None
+    if not fits:
+        wanted = "(" + ", ".join("any" if s is None else "…" if s is Ellipsis else str(s) for s in shape) + ")"
+        problem = f"{key!r} has shape {tuple(tensor.shape)}, expected {wanted}"
+    elif not (tensor.dtype == torch.float32 if expected.floating else not tensor.dtype.is_floating_point):
+        problem = f"{key!r} has dtype {tensor.dtype}, expected {'float32' if expected.floating else 'integers'}"
+    elif expected.floating and expected.finite and not torch.isfinite(tensor).all():
+        problem = f"{key!r} holds NaN or infinite values"
+    elif expected.floating and not expected.nan and torch.isnan(tensor).any():
+        problem = f"{key!r} holds NaN values"
+    if problem:
+        raise DiffattrError(f"{path}: {problem}; delete it to recompute")
+
+
+def read_tensors(
+    path: Path, expected: dict[str, Expected] | None = None, *, stamp: str | None = None
+) -> dict[str, torch.Tensor]:
+    """A safetensors file, checked: its run ``stamp`` (when given) and the tensors of ``expected``.
+
+    Raises:
+        DiffattrError: naming the file: unreadable or truncated, written under another stamp, a key
+            missing, or a tensor of another shape or dtype, or holding NaN or infinite values.
+    """
     try:
-        return load_file(path)
+        if stamp is not None:
+            with safe_open(path, framework="pt") as handle:
+                found = (handle.metadata() or {}).get(STAMP_KEY)
+            _check_stamp(path, found, stamp)
+        tensors = load_file(path)
+    except DiffattrError:
+        raise
     except Exception as error:  # safetensors raises its own types for truncated or foreign files
         raise DiffattrError(f"{path}: cannot read this safetensors file ({error}); delete it to recompute") from None
+    for key, wanted in (expected or {}).items():
+        if key not in tensors:
+            raise DiffattrError(f"{path}: no tensor {key!r} (holds {sorted(tensors)}); delete it to recompute")
+        check_tensor(path, key, tensors[key], wanted)
+    return tensors
+
+
+def _check_stamp(path: Path, found: str | None, stamp: str) -> None:
+    if found != stamp:
+        raise DiffattrError(
+            f"{path} was computed under other settings than the run directory's {CONFIG_FILE} (another model, "
+            "data set or scoring grid, or an older diffattr): delete it to recompute, or use a new --run-dir"
+        )
+
+
+def run_stamp(config: dict) -> str:
+    """The hash of what shaped every cached number: the checked model, data and scoring sections."""
+    core = _checked({section: config[section] for section in ("model", "data", "scoring") if section in config})
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _checked(config: dict) -> dict:
@@ -103,7 +185,7 @@ def _checked(config: dict) -> dict:
 
 
 class RunDirectory:
-    """Reads and writes one run directory; owns its layout and the one settings check.
+    """Reads and writes one run directory; owns its layout, the one settings check and the stamps.
 
     Args:
         path: the folder (created on first write).
@@ -125,14 +207,47 @@ class RunDirectory:
 
     def load_config(self) -> dict | None:
         """The saved ``config.json`` (read once per object), or ``None`` before the first write."""
-        if self._config is None and self.exists(CONFIG_FILE):
-            config = read_json(self.file(CONFIG_FILE))
+        path = self.file(CONFIG_FILE)
+        if self._config is None and (path.exists() or path.is_symlink()):
+            redo = "delete the run directory to recompute, or use a new --run-dir"
+            if not path.is_file():
+                raise DiffattrError(f"{path} is not a file; {redo}")
+            config = read_json(path, advice=redo)
             if not isinstance(config, dict):
-                raise DiffattrError(
-                    f"{self.file(CONFIG_FILE)}: expected a JSON object; delete the run directory to recompute"
-                )
+                raise DiffattrError(f"{path}: expected a JSON object; {redo}")
+            for section in (*CHECKED_SECTIONS, "versions"):
+                if section in config and not isinstance(config[section], dict):
+                    raise DiffattrError(f"{path}: section {section!r} is not a JSON object; {redo}")
             self._config = config
         return self._config
+
+    @property
+    def stamp(self) -> str:
+        """The run stamp every cached artifact of this directory carries (after the settings check)."""
+        config = self.load_config()
+        if config is None:
+            raise RuntimeError("the run directory's settings are checked before any artifact is read or written")
+        return run_stamp(config)
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Holds the run directory's lock file: two processes checking and writing config.json at
+        once cannot both believe their settings are the saved ones."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (the check is then racy between processes)
+            yield
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not distributed.is_main():  # rank 0 checks for all (the others would wait on it in a barrier)
+            yield
+            return
+        with open(self.file(LOCK_FILE), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def check_or_write_config(self, config: dict) -> None:
         """Saves ``config``, or verifies it against the saved one.
@@ -142,20 +257,40 @@ class RunDirectory:
         Raises:
             DiffattrError: a saved field differs; the message lists every difference.
         """
-        saved = self.load_config()
-        if saved is None:
-            self._write_config(config)
-            return
-        shared = {section: config[section] for section in CHECKED_SECTIONS if section in config and section in saved}
-        differences = config_differences(_checked({section: saved[section] for section in shared}), _checked(shared))
-        if differences:
-            raise DiffattrError(
-                f"--run-dir {self.path} was made with other settings ({'; '.join(differences)}): "
-                "use a new --run-dir, or rerun with the saved settings"
-            )
-        missing = {section: config[section] for section in config if section not in saved}
-        if missing:
-            self._write_config({**saved, **missing})
+        with self._locked():
+            self._config = None  # another process may have written it since this object read it
+            saved = self.load_config()
+            if saved is None:
+                self._write_config(config)
+                return
+            shared = {s: config[s] for s in CHECKED_SECTIONS if s in config and s in saved}
+            differences = config_differences(_checked({s: saved[s] for s in shared}), _checked(shared))
+            if differences:
+                raise DiffattrError(
+                    f"--run-dir {self.path} was made with other settings ({'; '.join(differences)}): "
+                    "use a new --run-dir, or rerun with the saved settings"
+                )
+            missing = {section: config[section] for section in config if section not in saved}
+            if missing:
+                self._write_config({**saved, **missing})
+
+    def forget_section(self, section: str) -> None:
+        """Removes one section of ``config.json`` that a failed run added before anything was
+        computed under it (the attribution settings of a perturbation that diverged)."""
+        with self._locked():
+            self._config = None
+            saved = self.load_config()
+            if saved is not None and section in saved:
+                self._write_config({key: value for key, value in saved.items() if key != section})
+
+    def forget_settings(self) -> None:
+        """Removes ``config.json`` and ``ids.json``: a first run that failed before computing
+        anything (a bad training image) leaves no settings behind to refuse the fixed rerun."""
+        if distributed.is_main():
+            for name in (CONFIG_FILE, IDS_FILE):
+                self.file(name).unlink(missing_ok=True)
+        distributed.barrier()
+        self._config = None
 
     def _write_config(self, config: dict) -> None:
         write_json(self.file(CONFIG_FILE), config)
@@ -166,7 +301,7 @@ class RunDirectory:
             return None
         ids = read_json(self.file(IDS_FILE))
         if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
-            raise DiffattrError(f"{self.file(IDS_FILE)}: expected a list of training ids")
+            raise DiffattrError(f"{self.file(IDS_FILE)}: expected a list of training ids; delete it to recompute")
         return ids
 
     def check_or_write_ids(self, ids: list[str]) -> None:
@@ -177,22 +312,55 @@ class RunDirectory:
         elif saved != ids:
             raise DiffattrError(f"{self.file(IDS_FILE)} lists other images; use a new --run-dir")
 
+    # -- stamped artifacts -----------------------------------------------------------------------
+
+    def save_tensors(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+        """Writes a safetensors artifact with this run's stamp."""
+        write_tensors(path, tensors, {**(metadata or {}), STAMP_KEY: self.stamp})
+
+    def load_tensors(self, path: Path, expected: dict[str, Expected] | None = None) -> dict[str, torch.Tensor]:
+        """Reads a safetensors artifact, refused unless it carries this run's stamp and fits ``expected``."""
+        return read_tensors(path, expected, stamp=self.stamp)
+
+    def save_json(self, path: Path, value: dict) -> None:
+        """Writes a JSON-object artifact with this run's stamp."""
+        write_json(path, {**value, "stamp": self.stamp})
+
+    def load_json(self, path: Path) -> dict:
+        """Reads a JSON-object artifact of :meth:`save_json`, refused unless it carries this run's stamp."""
+        value = read_json(path)
+        if not isinstance(value, dict):
+            raise DiffattrError(f"{path}: expected a JSON object; delete it to recompute")
+        _check_stamp(path, value.get("stamp"), self.stamp)
+        return {key: item for key, item in value.items() if key != "stamp"}
+
     # -- cached tensors --------------------------------------------------------------------------
 
     @property
     def encodings_dir(self) -> Path:
         return self.file(ENCODINGS_DIR)
 
-    def read_baseline(self) -> torch.Tensor | None:
-        return read_tensors(self.file(BASELINE_FILE))["baseline"] if self.exists(BASELINE_FILE) else None
+    def read_baseline(self, timesteps: torch.Tensor, num_images: int) -> torch.Tensor | None:
+        """B ``(N, K)``, checked against the run's grid ``timesteps`` ``(K,)``, or ``None`` before it exists."""
+        if not self.exists(BASELINE_FILE):
+            return None
+        path = self.file(BASELINE_FILE)
+        expected = {"baseline": Expected((num_images, len(timesteps))), "timesteps": Expected((len(timesteps),), False)}
+        saved = self.load_tensors(path, expected)
+        if not torch.equal(saved["timesteps"], timesteps.to(saved["timesteps"].dtype)):
+            raise DiffattrError(f"{path}: computed on another timestep grid; delete it to recompute")
+        return saved["baseline"]
 
     def read_timesteps(self) -> torch.Tensor | None:
-        return read_tensors(self.file(BASELINE_FILE)).get("timesteps") if self.exists(BASELINE_FILE) else None
+        """The grid of the saved baseline, ``(K,)``, or ``None`` before it exists."""
+        if not self.exists(BASELINE_FILE):
+            return None
+        return self.load_tensors(self.file(BASELINE_FILE), {"timesteps": Expected((None,), False)})["timesteps"]
 
     def write_baseline(self, baseline: torch.Tensor, timesteps: torch.Tensor) -> None:
-        write_tensors(self.file(BASELINE_FILE), {"baseline": baseline, "timesteps": timesteps})
+        self.save_tensors(self.file(BASELINE_FILE), {"baseline": baseline, "timesteps": timesteps})
 
-    def read_calibration(self, settings: dict) -> torch.Tensor | None:
+    def read_calibration(self, settings: dict, num_images: int) -> torch.Tensor | None:
         """The calibration reference computed under exactly these attribution ``settings``, else ``None``."""
         if not self.exists(CALIBRATION_FILE):
             return None
@@ -210,20 +378,20 @@ class RunDirectory:
             saved = None  # unreadable settings: recompute rather than trust the numbers
         if not isinstance(saved, dict) or with_defaults(AttributionConfig, saved) != settings:
             return None
-        return read_tensors(path)["reference"]
+        expected = {"reference": Expected((num_images,)), "indices": Expected((None,), False)}
+        return self.load_tensors(path, expected)["reference"]
 
     def write_calibration(self, reference: torch.Tensor, indices: torch.Tensor, settings: dict) -> None:
         """Saves the calibration with the attribution settings it was computed under."""
         metadata = {"attribution": json.dumps(settings, sort_keys=True)}
-        write_tensors(self.file(CALIBRATION_FILE), {"reference": reference, "indices": indices}, metadata=metadata)
+        self.save_tensors(self.file(CALIBRATION_FILE), {"reference": reference, "indices": indices}, metadata)
 
     def read_null_loss(self) -> float | None:
         if not self.exists(NULL_LOSS_FILE):
             return None
-        value = read_json(self.file(NULL_LOSS_FILE))
-        number = value.get("null_loss") if isinstance(value, dict) else None
+        number = self.load_json(self.file(NULL_LOSS_FILE)).get("null_loss")
         if not (
-            isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number) and number > 0
+            isinstance(number, (int, float)) and not isinstance(number, bool) and 0 < number < 3e38  # float32
         ):
             raise DiffattrError(
                 f'{self.file(NULL_LOSS_FILE)}: expected {{"null_loss": <number>}}; delete it to recompute'
@@ -231,30 +399,35 @@ class RunDirectory:
         return float(number)
 
     def write_null_loss(self, value: float) -> None:
-        write_json(self.file(NULL_LOSS_FILE), {"null_loss": value})
+        self.save_json(self.file(NULL_LOSS_FILE), {"null_loss": value})
 
     def _per_setting_file(self, stem: str, settings: dict) -> Path:
         """``<stem>-<hash of the settings>.safetensors``: one file per setting, never another's."""
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         return self.file(f"{stem}-{digest}.safetensors")
 
-    def read_features(self, method: str, settings: dict) -> torch.Tensor | None:
-        """A baseline's training features saved under exactly these settings, else ``None``."""
+    def read_features(self, method: str, settings: dict, num_images: int) -> torch.Tensor | None:
+        """A baseline's ``(N, ...)`` training features saved under exactly these settings, else ``None``."""
         path = self._per_setting_file(f"{METHODS_DIR}/{method}", settings)
-        return read_tensors(path)["features"] if path.is_file() else None
+        if not path.is_file():
+            return None
+        return self.load_tensors(path, {"features": Expected((num_images, ...))})["features"]
 
     def write_features(self, method: str, settings: dict, features: torch.Tensor) -> None:
         metadata = {"settings": json.dumps(settings)}
-        path = self._per_setting_file(f"{METHODS_DIR}/{method}", settings)
-        write_tensors(path, {"features": features}, metadata=metadata)
+        self.save_tensors(self._per_setting_file(f"{METHODS_DIR}/{method}", settings), {"features": features}, metadata)
 
-    def read_fisher(self, settings: dict) -> dict[str, torch.Tensor] | None:
-        """AbU's Fisher saved under exactly these settings (moved parameters, images), else ``None``."""
+    def read_fisher(self, settings: dict, shapes: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
+        """AbU's Fisher saved under exactly these settings (moved parameters, images), else ``None``;
+        ``shapes``: the moved parameters' names and shapes, the tensors the file must hold."""
         path = self._per_setting_file(FISHER_PREFIX, settings)
-        return read_tensors(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        fisher = self.load_tensors(path, {name: Expected(tuple(shape)) for name, shape in shapes.items()})
+        return {name: fisher[name] for name in shapes}
 
     def write_fisher(self, settings: dict, fisher: dict[str, torch.Tensor]) -> None:
-        write_tensors(self._per_setting_file(FISHER_PREFIX, settings), fisher, {"settings": json.dumps(settings)})
+        self.save_tensors(self._per_setting_file(FISHER_PREFIX, settings), fisher, {"settings": json.dumps(settings)})
 
     # -- per-query results -----------------------------------------------------------------------
 
@@ -270,9 +443,9 @@ class RunDirectory:
         from .data import save_image
 
         folder = self.query_dir(query_id)
-        write_tensors(folder / SCORES_FILE, tensors)
+        self.save_tensors(folder / SCORES_FILE, tensors)
         save_image(query_image, folder / QUERY_IMAGE_FILE)
-        write_json(folder / RESULT_FILE, record)
+        self.save_json(folder / RESULT_FILE, record)
 
     def query_folders(self) -> list[Path]:
         """The folders of every finished query, sorted by name."""
@@ -281,14 +454,16 @@ class RunDirectory:
             return []
         return sorted(p for p in folder.iterdir() if (p / RESULT_FILE).is_file())
 
-    @staticmethod
-    def load_result(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-        """A query folder's ``result.json`` and its tensors (empty when there are none)."""
-        source = folder / RESULT_FILE
-        result = read_json(source)
-        if not isinstance(result, dict):
-            raise DiffattrError(f"{source}: expected a JSON object; delete the folder to recompute")
-        tensors = read_tensors(folder / SCORES_FILE) if (folder / SCORES_FILE).is_file() else {}
+    def load_result(self, folder: Path, num_images: int | None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """A query folder's ``result.json`` and its tensors (empty when there are none), refused
+        unless both were computed under this run's settings; ``scores`` is ``(N,)``."""
+        result = self.load_json(folder / RESULT_FILE)
+        scores = folder / SCORES_FILE
+        # −inf: an image a --candidates query left out
+        expected = {"scores": Expected((num_images,), finite=False)}
+        tensors = self.load_tensors(scores, expected) if scores.is_file() else {}
+        if tensors and (tensors["scores"] == float("inf")).any():
+            raise DiffattrError(f"{scores}: 'scores' holds +inf; delete the folder to recompute")
         return result, tensors
 
     @staticmethod

@@ -16,7 +16,7 @@ from diffattr import AttributionConfig, Attributor, DiffattrError, ScoringConfig
 from diffattr.cli import main
 from diffattr.data import load_image
 from diffattr.gallery import _page_name, delta_plot, format_number, write_gallery
-from diffattr.store import read_json, write_json, write_tensors
+from diffattr.store import RunDirectory, read_json, write_json
 
 from .conftest import write_images
 
@@ -80,7 +80,8 @@ def build_run(root: Path, tiny_model: Path) -> dict:
     )
     results = attributor.attribute([data / HOSTILE_ID, data / "a" / "img_000.png"], top_k=7)
     first = run_dir / "queries" / results[0].query_id / "result.json"
-    write_json(first, {**read_json(first), "prompt": HOSTILE, "method": "forward-inf"})
+    store = RunDirectory(run_dir)  # hand edits keep the run's stamp
+    store.save_json(first, {**read_json(first), "prompt": HOSTILE, "method": "forward-inf"})
     audit = run_dir / "audit"
     _png(audit / "replicas" / "0003.png", seed=3)
     _png(audit / "replicas" / "<b>7</b>.png", seed=7)
@@ -111,7 +112,7 @@ def build_run(root: Path, tiny_model: Path) -> dict:
             "not an entry",
         ],
     }
-    write_json(audit / "report.json", report)
+    store.save_json(audit / "report.json", report)
     return {"run_dir": run_dir, "data": data, "results": results}
 
 
@@ -217,23 +218,24 @@ def write_run(run_dir: Path, data: Path, *, num_queries: int, top: int, seed=0) 
     ids = [p.relative_to(data).as_posix() for p in sorted(data.rglob("*.png"))]
     generator = torch.Generator().manual_seed(seed)
     timesteps = torch.tensor([5, 15, 25, 35, 45, 55, 65, 75, 85, 95])
-    write_json(run_dir / "config.json", {"data": {"root": str(data), "num_images": len(ids)}})
+    store = RunDirectory(run_dir)
+    store.check_or_write_config({"data": {"root": str(data), "num_images": len(ids)}})
     write_json(run_dir / "ids.json", ids)
-    write_tensors(run_dir / "baseline.safetensors", {"baseline": torch.rand(len(ids), 10), "timesteps": timesteps})
+    store.save_tensors(run_dir / "baseline.safetensors", {"baseline": torch.rand(len(ids), 10), "timesteps": timesteps})
     query_ids = []
     for q in range(num_queries):
         query_id = f"sample{q}-0000000{q}"
         folder = run_dir / "queries" / query_id
         scores = torch.randn(len(ids), generator=generator)
         deltas = torch.randn(len(ids), 10, generator=generator) * 1e-3
-        write_tensors(folder / "scores.safetensors", {"scores": scores, "deltas": deltas})
+        store.save_tensors(folder / "scores.safetensors", {"scores": scores, "deltas": deltas})
         _png(folder / "query.png", seed=1000 + q, size=16)
         order = torch.sort(scores, descending=True, stable=True).indices[:top].tolist()
         entries = [
             {"rank": r, "id": ids[i], "score": float(scores[i]), "text": f"caption of {ids[i]}", "label": None}
             for r, i in enumerate(order, start=1)
         ]
-        write_json(folder / "result.json", {"query": f"/gen/sample{q}.png", "query_id": query_id, "top": entries})
+        store.save_json(folder / "result.json", {"query": f"/gen/sample{q}.png", "query_id": query_id, "top": entries})
         query_ids.append(query_id)
     return query_ids
 
@@ -334,14 +336,14 @@ def test_names_that_leave_their_folder_are_refused(run, tmp_path):
     shutil.copytree(run["run_dir"], run_dir)
     report = read_json(run_dir / "audit" / "report.json")
     report["ranking"][0]["evidence"]["replicas"][0]["file"] = "../../../etc/passwd"
-    write_json(run_dir / "audit" / "report.json", report)
+    RunDirectory(run_dir).save_json(run_dir / "audit" / "report.json", report)
     with pytest.raises(DiffattrError, match=r"evidence file '\.\./\.\./\.\./etc/passwd' points outside"):
         write_gallery(run_dir, progress=False)
     shutil.rmtree(run_dir / "audit")
     result_file = next((run_dir / "queries").glob("*/result.json"))
     result = read_json(result_file)
     result["top"][0]["id"] = "../../outside.png"
-    write_json(result_file, result)
+    RunDirectory(run_dir).save_json(result_file, result)
     with pytest.raises(DiffattrError, match=r"training id '\.\./\.\./outside\.png' points outside"):
         write_gallery(run_dir, progress=False)
 

@@ -104,7 +104,7 @@ def test_the_steps_a_target_change_took_are_recorded(tmp_path, tiny_model, tiny_
     )
     attributor.attribute(tiny_data / "a" / "img_000.png")
     (folder,) = attributor.run.query_folders()
-    record, _ = attributor.run.load_result(folder)
+    record, _ = attributor.run.load_result(folder, len(attributor.ids))
     assert 0 < record["perturb_steps"] < 50
     assert len(record["query_loss_per_step"]) == record["perturb_steps"] + 1
     assert record["query_loss_per_step"][-1] >= 1.5 * record["query_loss_per_step"][0]

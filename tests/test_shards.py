@@ -11,8 +11,8 @@ def _rows(start: int, stop: int) -> dict[str, torch.Tensor]:
 
 
 def test_sharded_tensor_reads_like_the_whole_tensor(tmp_path):
-    write_shards(tmp_path, 10, _rows, shard_rows=4)
-    tensors = ShardedTensor.open(tmp_path)
+    write_shards(tmp_path, 10, _rows, shard_rows=4, stamp="s")
+    tensors = ShardedTensor.open(tmp_path, stamp="s", num_rows=10)
     whole = _rows(0, 10)
     encodings = tensors["encodings"]
     assert encodings.shape == (10, 2, 3) and len(encodings) == 10 and encodings.dtype == torch.float32
@@ -36,11 +36,27 @@ def test_an_interrupted_write_resumes_after_its_last_complete_shard(tmp_path):
         return _rows(start, stop)
 
     with pytest.raises(KeyboardInterrupt):
-        write_shards(tmp_path, 10, failing, shard_rows=4)
+        write_shards(tmp_path, 10, failing, shard_rows=4, stamp="s")
     assert not shards_complete(tmp_path)
     with pytest.raises(DiffattrError, match="unfinished"):
-        ShardedTensor.open(tmp_path)
+        ShardedTensor.open(tmp_path, stamp="s", num_rows=10)
     calls.clear()
-    write_shards(tmp_path, 10, lambda a, b: calls.append(a) or _rows(a, b), shard_rows=4)
+    write_shards(tmp_path, 10, lambda a, b: calls.append(a) or _rows(a, b), shard_rows=4, stamp="s")
     assert calls == [8]
-    assert torch.equal(ShardedTensor.open(tmp_path)["encodings"].load(), _rows(0, 10)["encodings"])
+    encodings = ShardedTensor.open(tmp_path, stamp="s", num_rows=10)["encodings"]
+    assert torch.equal(encodings.load(), _rows(0, 10)["encodings"])
+
+
+def test_shards_of_another_run_are_redone_while_unfinished_and_refused_once_finished(tmp_path):
+    write_shards(tmp_path / "a", 10, _rows, shard_rows=4, stamp="old")
+    (tmp_path / "a" / "index.json").unlink()  # unfinished, under the old stamp
+    calls = []
+    write_shards(tmp_path / "a", 10, lambda a, b: calls.append(a) or _rows(a, b), shard_rows=4, stamp="new")
+    assert calls == [0, 4, 8]
+    ShardedTensor.open(tmp_path / "a", stamp="new", num_rows=10)
+    with pytest.raises(DiffattrError, match="other settings"):
+        ShardedTensor.open(tmp_path / "a", stamp="old", num_rows=10)
+    with pytest.raises(DiffattrError, match="rows for 11 training images"):
+        ShardedTensor.open(tmp_path / "a", stamp="new", num_rows=11)
+    with pytest.raises(DiffattrError, match=r"shape \(4, 2, 3\), expected \(4, 3, 3\)"):
+        ShardedTensor.open(tmp_path / "a", stamp="new", num_rows=10, row_shapes={"encodings": (3, 3)})

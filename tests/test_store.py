@@ -57,45 +57,53 @@ def test_a_broken_config_names_the_file(tmp_path):
         RunDirectory(tmp_path / "run").check_or_write_config(CONFIG)
 
 
+def _run(path):
+    """A run directory whose settings are checked, as every artifact's reader and writer needs."""
+    run = RunDirectory(path)
+    run.check_or_write_config(CONFIG)
+    return run
+
+
 def test_a_calibration_serves_only_the_settings_it_was_computed_under(tmp_path):
-    run = RunDirectory(tmp_path / "run")
+    run = _run(tmp_path / "run")
     settings = AttributionConfig().to_dict()
-    assert run.read_calibration(settings) is None
+    assert run.read_calibration(settings, 5) is None
     reference = torch.arange(5.0)
     run.write_calibration(reference, torch.tensor([1, 3]), settings)
-    assert torch.equal(run.read_calibration(settings), reference)
-    assert run.read_calibration(AttributionConfig(learning_rate=1e-3).to_dict()) is None
+    assert torch.equal(run.read_calibration(settings, 5), reference)
+    assert run.read_calibration(AttributionConfig(learning_rate=1e-3).to_dict(), 5) is None
 
 
 def test_baseline_features_are_kept_per_setting(tmp_path):
-    run = RunDirectory(tmp_path / "run")
+    run = _run(tmp_path / "run")
     run.write_features("dtrak", {"projection_dim": 64}, torch.ones(3, 64))
     run.write_features("dtrak", {"projection_dim": 32}, torch.zeros(3, 32))
-    assert run.read_features("dtrak", {"projection_dim": 64}).shape == (3, 64)
-    assert run.read_features("dtrak", {"projection_dim": 32}).sum() == 0
-    assert run.read_features("dtrak", {"projection_dim": 16}) is None
-    assert run.read_features("tracin", {"projection_dim": 64}) is None
+    assert run.read_features("dtrak", {"projection_dim": 64}, 3).shape == (3, 64)
+    assert run.read_features("dtrak", {"projection_dim": 32}, 3).sum() == 0
+    assert run.read_features("dtrak", {"projection_dim": 16}, 3) is None
+    assert run.read_features("tracin", {"projection_dim": 64}, 3) is None
 
 
 def test_a_query_result_round_trips_and_only_finished_queries_are_listed(tmp_path):
-    run = RunDirectory(tmp_path / "run")
+    run = _run(tmp_path / "run")
     scores = {"scores": torch.randn(4), "deltas": torch.randn(4, 2)}
     run.save_result("b", {"query": "b.png"}, scores, torch.zeros(1, 8, 8))
     run.save_result("a", {"query": "a.png"}, scores, torch.zeros(1, 8, 8))
     run.query_dir("unfinished").mkdir()  # a query interrupted before its result.json
     folders = run.query_folders()
     assert [folder.name for folder in folders] == ["a", "b"]
-    record, tensors = RunDirectory.load_result(folders[1])
+    record, tensors = run.load_result(folders[1], 4)
     assert record == {"query": "b.png"} and torch.equal(tensors["deltas"], scores["deltas"])
     assert RunDirectory.query_image(folders[1]).is_file()
     assert not list(tmp_path.rglob("*.tmp*")), "an atomic write left its temporary file"
 
 
 def test_a_result_that_is_not_an_object_names_the_file(tmp_path):
+    run = _run(tmp_path / "run")
     folder = tmp_path / "run" / "queries" / "q"
     write_json(folder / "result.json", [1, 2])
     with pytest.raises(DiffattrError, match="result.json"):
-        RunDirectory.load_result(folder)
+        run.load_result(folder, 4)
 
 
 def test_a_file_where_the_run_directory_should_be_is_refused(tmp_path):
@@ -115,16 +123,16 @@ def test_a_run_made_before_a_field_existed_was_made_with_its_default(tmp_path):
         changed = {**current, "retain_batch": 64}
         RunDirectory(tmp_path / "run").check_or_write_config({**CONFIG, "attribution": changed})
     run.write_calibration(torch.ones(3), torch.tensor([0]), older)
-    assert run.read_calibration(current) is not None
-    assert run.read_calibration({**current, "retain_batch": 64}) is None
+    assert run.read_calibration(current, 3) is not None
+    assert run.read_calibration({**current, "retain_batch": 64}, 3) is None
 
 
 def test_a_null_loss_file_is_read_back_or_named_when_broken(tmp_path):
-    run = RunDirectory(tmp_path / "run")
+    run = _run(tmp_path / "run")
     assert run.read_null_loss() is None
     run.write_null_loss(1.25)
     assert run.read_null_loss() == 1.25
-    write_json(run.file("null_loss.json"), {"null_loss": float("nan")})
+    run.save_json(run.file("null_loss.json"), {"null_loss": -1.0})
     with pytest.raises(DiffattrError, match="null_loss.json"):
         run.read_null_loss()
 

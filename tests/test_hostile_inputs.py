@@ -1,0 +1,596 @@
+"""Hostile input, replayed: every case of the hardening probe gets a clear one-line error (or, where
+the input is valid, the right result), never a traceback, a half-written run directory or a number
+computed under other settings.
+
+Each test names the probe's case (issue 15) it replays. The CLI runs in-process (``main``) with
+``--quiet``, so stderr holds only what a user would read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from diffattr.attributor import _sidecar_prompt
+from diffattr.cli import main
+from diffattr.data import ImageFolder, load_image
+from diffattr.errors import DiffattrError
+from diffattr.store import write_json
+
+from .conftest import make_tiny_model, write_images
+
+FAST = ["--quiet", "--device", "cpu", "--timesteps", "3", "--aggregation", "loss"]
+PERTURB = ["--steps", "2", "--draws-per-step", "4", "--lr", "1e-3"]
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    """Exit code and stderr of ``diffattr *args``; argparse's own refusals exit through SystemExit."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def one_line_error(capsys, *args, match: str) -> str:
+    code, err = cli(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("usage:")]
+    assert code == 2, err
+    assert len(lines) == 1 and match in lines[0], err
+    return lines[0]
+
+
+@pytest.fixture
+def data(tmp_path, tiny_data) -> Path:
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_data, folder)
+    return folder
+
+
+def common(model, train, run_dir, *extra):
+    return ["--model", model, "--train", train, "--run-dir", run_dir, *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory, tiny_model, tiny_data) -> Path:
+    """A run directory whose cache is computed once (seed 0); tests tamper with copies of it."""
+    run_dir = tmp_path_factory.mktemp("cached") / "run"
+    assert main(["cache", *map(str, common(tiny_model, tiny_data, run_dir))]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path, cached) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(cached, copy)
+    return copy
+
+
+# -- 1. a cached artifact is used only under the settings it was computed under -------------------
+
+
+def test_1_deleting_config_then_changing_the_seed_does_not_reuse_the_old_cache(capsys, run_dir, tiny_model, tiny_data):
+    (run_dir / "config.json").write_text("{broken")
+    advice = one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run_dir), match="config.json")
+    assert "delete the run directory" in advice  # not "delete it": that would orphan the cache
+    (run_dir / "config.json").unlink()  # what a user may still do
+    one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run_dir, "--seed", "1"), match="other settings than")
+
+
+def test_1_another_model_is_refused_by_the_artifacts_too(capsys, tmp_path, run_dir, tiny_data):
+    (run_dir / "config.json").unlink()
+    other = make_tiny_model(tmp_path / "other_model", seed=1)
+    one_line_error(capsys, "cache", *common(other, tiny_data, run_dir), match="other settings than")
+
+
+def test_1_the_same_settings_after_deleting_config_reuse_the_cache(capsys, run_dir, tiny_model, tiny_data):
+    before = (run_dir / "baseline.safetensors").read_bytes()
+    (run_dir / "config.json").unlink()
+    code, err = cli(capsys, "cache", *common(tiny_model, tiny_data, run_dir))
+    assert code == 0, err
+    assert (run_dir / "baseline.safetensors").read_bytes() == before
+
+
+def test_1_a_baseline_of_another_run_is_refused_by_name(capsys, tmp_path, run_dir, tiny_model, tiny_data):
+    other = tmp_path / "other"
+    assert cli(capsys, "cache", *common(tiny_model, tiny_data, other, "--seed", "1"))[0] == 0
+    shutil.copy(other / "baseline.safetensors", run_dir / "baseline.safetensors")
+    one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run_dir), match="baseline.safetensors")
+
+
+def test_1_a_query_result_of_another_run_is_refused_by_the_gallery(capsys, tmp_path, run_dir, tiny_model, tiny_data):
+    other = tmp_path / "other"
+    query = tiny_data / "a" / "img_000.png"
+    args = common(tiny_model, tiny_data, other, "--seed", "1", *PERTURB, "--query", query)
+    assert cli(capsys, "attribute", *args)[0] == 0
+    shutil.copytree(other / "queries", run_dir / "queries")
+    one_line_error(capsys, "gallery", "--run-dir", run_dir, "--quiet", match="result.json")
+
+
+def test_1_an_audit_without_its_settings_is_refused(capsys, run_dir, tiny_model, tiny_data):
+    args = common(tiny_model, tiny_data, run_dir)
+    assert cli(capsys, "audit", *args)[0] == 0
+    (run_dir / "audit" / "config.json").unlink()
+    one_line_error(capsys, "audit", *args, match="holds an audit's files but not its config.json")
+
+
+# -- 2. images by their real bit depth and mode ---------------------------------------------------
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png_rgb16(path: Path, values: np.ndarray) -> None:
+    """A 16-bit RGB PNG (PIL writes none), from ``(H, W, 3)`` uint16 values."""
+    height, width, _ = values.shape
+    rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(height))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    chunks = _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def test_2_sixteen_bit_greyscale_is_scaled_not_binarised(tmp_path):
+    ramp = (np.arange(64, dtype=np.uint32).reshape(8, 8) * 1040).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    expected = torch.from_numpy(ramp / 65535.0).float() * 2 - 1
+    for channels in (1, 3, 4):
+        loaded = load_image(tmp_path / "grey16.png", resolution=8, channels=channels)
+        assert torch.allclose(loaded[0], expected, atol=1e-5)  # was +1.0 for every non-zero pixel
+        assert torch.allclose(loaded[:3], loaded[:1].expand(min(channels, 3), -1, -1))
+        if channels == 4:
+            assert torch.all(loaded[3] == 1.0)
+    resized = load_image(tmp_path / "grey16.png", resolution=4, channels=1)
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "grey8.png")
+    assert torch.allclose(
+        resized, load_image(tmp_path / "grey8.png", resolution=4, channels=1), atol=4 / 255
+    )  # 8-bit rounding
+
+
+def test_2_sixteen_bit_rgb_and_every_eight_bit_mode_read_alike(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    _png_rgb16(tmp_path / "rgb16.png", rgb.astype(np.uint16) * 257)
+    reference = Image.fromarray(rgb, mode="RGB")
+    for mode in ("RGB", "RGBA", "CMYK"):
+        reference.convert(mode).save(tmp_path / f"{mode}.{'tif' if mode == 'CMYK' else 'png'}")
+    expected = torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1
+    for name in ("rgb16.png", "RGB.png", "RGBA.png", "CMYK.tif"):
+        assert torch.allclose(load_image(tmp_path / name, resolution=8, channels=3), expected, atol=1e-5), name
+    grey = reference.convert("L")
+    grey.save(tmp_path / "L.png")
+    grey.convert("LA").save(tmp_path / "LA.png")
+    grey.convert("P").save(tmp_path / "P.png")
+    expected = torch.from_numpy(np.array(grey)).float()[None] / 127.5 - 1
+    for name in ("L.png", "LA.png", "P.png"):
+        assert torch.allclose(load_image(tmp_path / name, resolution=8, channels=1), expected, atol=1e-5), name
+
+
+# -- 3. non-finite numbers are errors, JSON is strict ---------------------------------------------
+
+
+def test_3_an_infinite_learning_rate_is_refused(capsys, run_dir, tiny_model, tiny_data):
+    query = tiny_data / "a" / "img_000.png"
+    args = common(tiny_model, tiny_data, run_dir, "--query", query, "--steps", "2", "--lr", "inf")
+    one_line_error(capsys, "attribute", *args, match="--lr inf: must be a finite number")
+
+
+def test_3_a_diverging_perturbation_is_an_error_naming_the_flag(capsys, run_dir, tiny_model, tiny_data):
+    query = tiny_data / "a" / "img_000.png"
+    args = common(tiny_model, tiny_data, run_dir, "--query", query, "--steps", "3", "--draws-per-step", "4")
+    line = one_line_error(capsys, "attribute", *args, "--lr", "1e30", "--optimizer", "sgd", match="--lr")
+    assert "diverged" in line or "NaN" in line
+    assert not list((run_dir / "queries").glob("*/result.json"))
+    code, err = cli(capsys, "attribute", *args, "--lr", "1e-3")  # the advice, followed: not refused
+    assert code == 0, err
+
+
+def test_3_a_model_with_nan_weights_fails_at_the_baseline(capsys, tmp_path, tiny_data):
+    from diffusers import UNet2DModel
+
+    model = make_tiny_model(tmp_path / "nan_model")
+    unet = UNet2DModel.from_pretrained(model / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("nan"))
+    unet.save_pretrained(model / "unet")
+    one_line_error(capsys, "cache", *common(model, tiny_data, tmp_path / "run"), match="the baseline losses hold")
+    assert not (tmp_path / "run" / "baseline.safetensors").exists()
+
+
+def test_3_json_is_always_strict(tmp_path):
+    with pytest.raises(DiffattrError, match="non-finite"):
+        write_json(tmp_path / "x.json", {"score": float("nan")})
+    assert not (tmp_path / "x.json").exists()
+
+
+# -- 4. one bad training image: fix it and rerun ------------------------------------------------
+
+
+def test_4_removing_a_bad_training_image_lets_the_rerun_through(capsys, tmp_path, tiny_model, data):
+    bad = data / "b" / "img_007.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    run = tmp_path / "run"
+    one_line_error(capsys, "cache", *common(tiny_model, data, run), match=f"{bad}: cannot read this image")
+    bad.unlink()  # as the message says, with its metadata line
+    lines = (data / "metadata.jsonl").read_text().splitlines(keepends=True)
+    (data / "metadata.jsonl").write_text("".join(line for line in lines if "img_007" not in line))
+    code, err = cli(capsys, "cache", *common(tiny_model, data, run))
+    assert code == 0, err
+    assert len(json.loads((run / "ids.json").read_text())) == 11
+
+
+# -- 5. no traceback reaches the user ----------------------------------------------------------
+
+
+def test_5_non_utf8_metadata_and_sidecars_are_named(capsys, tmp_path, tiny_model, data):
+    (data / "metadata.jsonl").write_bytes(b'{"file_name": "a/img_000.png", "text": "caf\xe9"}\n')
+    one_line_error(capsys, "cache", *common(tiny_model, data, tmp_path / "run"), match="not UTF-8 text")
+    query = tmp_path / "q.png"
+    Image.new("L", (8, 8)).save(query)
+    query.with_suffix(".txt").write_bytes(b"caf\xe9")
+    with pytest.raises(DiffattrError, match="q.txt: not UTF-8 text"):
+        _sidecar_prompt(query)
+
+
+def test_5_a_non_utf8_file_name_in_the_data_is_named(capsys, tmp_path, tiny_model, data):
+    name = os.fsdecode(b"a/bad\xff.png")
+    shutil.copy(data / "a" / "img_000.png", data / name)
+    one_line_error(capsys, "cache", *common(tiny_model, data, tmp_path / "run"), match="not valid UTF-8")
+
+
+@pytest.mark.parametrize(
+    "query", ["nul\0byte.png", os.fsdecode(b"bad\xff.png"), "x" * 300 + ".png"], ids=["nul", "utf8", "long"]
+)
+def test_5_query_names_no_file_could_have_are_refused_by_argparse(capsys, tmp_path, tiny_model, tiny_data, query):
+    code, err = cli(capsys, "attribute", *common(tiny_model, tiny_data, tmp_path / "run"), "--query", query)
+    assert code == 2 and "argument --query" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_5_a_pathological_json_line_is_named(capsys, tmp_path, tiny_model, data):
+    (data / "metadata.jsonl").write_text("[" * 100_000 + "\n")
+    one_line_error(capsys, "cache", *common(tiny_model, data, tmp_path / "run"), match="metadata.jsonl:1")
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:7", "cuda"])
+def test_5_a_device_this_machine_lacks_is_named(capsys, tmp_path, tiny_model, tiny_data, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = [a for a in common(tiny_model, tiny_data, tmp_path / "run") if a not in ("--device", "cpu")]
+    one_line_error(capsys, "cache", *args, "--device", device, match=f"--device {device}")
+
+
+def test_5_a_scheduler_folder_naming_another_class_is_named(capsys, tmp_path, tiny_data):
+    model = make_tiny_model(tmp_path / "model")
+    config = model / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": "UNet2DModel"}))
+    one_line_error(
+        capsys, "cache", *common(model, tiny_data, tmp_path / "run"), match="is not a diffusers scheduler class"
+    )
+
+
+def test_5_an_unloadable_text_encoder_is_named(tmp_path):
+    from transformers import CLIPTextConfig
+
+    from diffattr.models import _load_component
+
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    config = CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+    config.architectures = ["CLIPTextModel"]
+    config.save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(DiffattrError, match="text_encoder folder .*cannot load the model"):
+        _load_component("text_encoder", folder)
+
+
+def test_5_pickled_weights_with_code_are_refused_and_never_run(capsys, tmp_path, tiny_data):
+    model = make_tiny_model(tmp_path / "model")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    weights = model / "unet"
+    for path in weights.glob("diffusion_pytorch_model*"):
+        path.unlink()
+    torch.save({"conv_in.weight": Payload()}, weights / "diffusion_pytorch_model.bin")
+    one_line_error(capsys, "cache", *common(model, tiny_data, tmp_path / "run"), match="cannot load the model")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"model": [1]}', "dir"], ids=["list", "section", "directory"])
+def test_5_a_config_json_of_the_wrong_shape_is_named(capsys, tmp_path, tiny_model, tiny_data, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    if content == "dir":
+        (run / "config.json").mkdir()
+    else:
+        (run / "config.json").write_text(content)
+    one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run), match="config.json")
+
+
+def test_5_ctrl_c_and_unexpected_errors_are_one_line(capsys, monkeypatch, tmp_path, tiny_model, tiny_data):
+    import diffattr.cli
+
+    args = ["cache", *common(tiny_model, tiny_data, tmp_path / "run")]
+
+    def interrupted(arguments):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffattr.cli, "run", interrupted)
+    code, err = cli(capsys, *args)
+    assert code == 130 and err.count("\n") == 1 and "interrupted" in err
+
+    def broken(arguments):
+        raise RuntimeError("something\nunforeseen")
+
+    monkeypatch.setattr(diffattr.cli, "run", broken)
+    code, err = cli(capsys, *args)
+    assert code == 1 and err.count("\n") == 1 and "something unforeseen" in err and "--debug" in err
+    with pytest.raises(RuntimeError):
+        main([str(a) for a in [*args, "--debug"]])
+
+
+# -- 6. cached tensors are checked when read ----------------------------------------------------
+
+
+def _rewrite(path: Path, change) -> None:
+    """Rewrites a safetensors file through ``change(tensors)``, keeping its metadata (and stamp)."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file({key: value.contiguous() for key, value in change(tensors).items()}, path, metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    "file, change, match",
+    [
+        ("baseline.safetensors", lambda t: {**t, "baseline": t["baseline"].clone().fill_(float("nan"))}, "NaN"),
+        ("baseline.safetensors", lambda t: {**t, "baseline": t["baseline"].long()}, "dtype"),
+        ("baseline.safetensors", lambda t: {**t, "baseline": t["baseline"][:5]}, "shape"),
+        ("baseline.safetensors", lambda t: {"timesteps": t["timesteps"]}, "no tensor 'baseline'"),
+        ("encodings/00000.safetensors", lambda t: {**t, "encodings": t["encodings"][:, :, :4]}, "shape"),
+        ("encodings/00000.safetensors", lambda t: {**t, "encodings": t["encodings"] * float("inf")}, "NaN"),
+        ("encodings/00000.safetensors", lambda t: {**t, "encodings": t["encodings"].long()}, "dtype"),
+        ("baseline.safetensors", lambda t: {**t, "baseline": t["baseline"].bfloat16()}, "dtype"),
+    ],
+    ids=[
+        "baseline-nan",
+        "baseline-int",
+        "baseline-shape",
+        "baseline-key",
+        "encodings-shape",
+        "encodings-inf",
+        "encodings-int",
+        "baseline-bf16",
+    ],
+)
+def test_6_a_damaged_cache_is_named(capsys, run_dir, tiny_model, tiny_data, file, change, match):
+    _rewrite(run_dir / file, change)
+    line = one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run_dir), match=file.split("/")[-1])
+    assert match in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_6_a_truncated_or_missing_shard_is_named(capsys, run_dir, tiny_model, tiny_data, damage):
+    shard = run_dir / "encodings" / "00000.safetensors"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        shard.unlink()
+    one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run_dir), match="00000.safetensors")
+
+
+# -- 7. JSONL splits on newlines only ----------------------------------------------------------
+
+
+def test_7_captions_with_unicode_line_separators_are_kept(data):
+    captions = {"a/img_000.png": "one\u2028two", "b/img_001.png": "three\x85four", "a/img_002.png": "crlf"}
+    lines = [json.dumps({"file_name": name, "text": text}, ensure_ascii=False) for name, text in captions.items()]
+    (data / "metadata.jsonl").write_text("\r\n".join(lines) + "\n", encoding="utf-8")
+    texts = {record.id: record.text for record in ImageFolder(data).records}
+    assert {name: texts[name] for name in captions} == captions
+
+
+# -- 8. the minor cases -------------------------------------------------------------------------
+
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that claims ``width × height`` pixels: the size check must refuse it before decoding."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", b"") + _chunk(b"IEND", b""))
+
+
+def test_8_an_image_over_the_pixel_limit_is_refused_undecoded(capsys, tmp_path, tiny_model, data):
+    _png_header_only(data / "a" / "huge.png", 12_000, 12_000)  # 144 Mpixels
+    with pytest.raises(DiffattrError, match="more than the 100,000,000 accepted"):
+        load_image(data / "a" / "huge.png", resolution=8, channels=1)
+    (data / "a" / "huge.png").unlink()
+    args = common(tiny_model, data, tmp_path / "run", "--max-image-pixels", "50")  # the 8x8 images: 64
+    one_line_error(capsys, "cache", *args, match="raise --max-image-pixels")
+
+
+def test_8_a_linked_folder_leading_outside_is_refused(tmp_path, data):
+    outside = tmp_path / "outside"
+    write_images(outside, 2)
+    (data / "linked").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(DiffattrError, match="link to a folder outside"):
+        ImageFolder(data)
+
+
+def test_8_metadata_naming_a_non_image_or_being_a_folder_is_refused(data):
+    (data / "notes.txt").write_text("hello")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "notes.txt", "text": "x"}) + "\n")
+    with pytest.raises(DiffattrError, match="is not an image"):
+        ImageFolder(data)
+    (data / "metadata.jsonl").unlink()
+    (data / "metadata.jsonl").mkdir()
+    with pytest.raises(DiffattrError, match="metadata.jsonl is not a file"):
+        ImageFolder(data)
+
+
+def test_8_an_empty_sidecar_prompt_is_an_error(tmp_path):
+    query = tmp_path / "q.png"
+    Image.new("L", (8, 8)).save(query)
+    query.with_suffix(".txt").write_text("  \n")
+    with pytest.raises(DiffattrError, match="q.txt is empty"):
+        _sidecar_prompt(query)
+
+
+def test_8_the_gallery_forbids_everything_it_does_not_load(capsys, tmp_path, run_dir, tiny_model, tiny_data):
+    query = tiny_data / "a" / "img_000.png"
+    assert cli(capsys, "attribute", *common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", query))[0] == 0
+    assert cli(capsys, "gallery", "--run-dir", run_dir, "--quiet")[0] == 0
+    page = (run_dir / "gallery" / "index.html").read_text()
+    assert "default-src 'none'" in page and "script-src" not in page
+
+
+# -- what held already, kept holding ------------------------------------------------------------
+
+
+def test_scores_are_bit_identical_across_runs_and_nothing_is_written_outside(capsys, tmp_path, tiny_model, data):
+    query = data / "a" / "img_000.png"
+    before = sorted(p for p in tmp_path.rglob("*") if "run" not in p.parts)
+    scores = []
+    for name in ("run1", "run2"):
+        code, err = cli(capsys, "attribute", *common(tiny_model, data, tmp_path / name, *PERTURB, "--query", query))
+        assert code == 0, err
+        (result,) = (tmp_path / name / "queries").glob("*/scores.safetensors")
+        with safe_open(result, framework="pt") as handle:
+            scores.append(handle.get_tensor("scores"))
+    assert torch.equal(scores[0], scores[1])
+    after = sorted(p for p in tmp_path.rglob("*") if not ({"run1", "run2"} & set(p.parts)))
+    assert [p for p in after if p not in before] == []
+
+
+def test_two_processes_with_different_settings_on_one_run_directory(capsys, tmp_path, tiny_model, tiny_data):
+    """Started together on a fresh run directory: the lock lets one write its settings, the other is refused."""
+    run = tmp_path / "run"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "diffattr", "cache", *map(str, common(tiny_model, tiny_data, run)), "--seed", seed],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
+        for seed in ("0", "1")
+    ]
+    outcomes = sorted((process.wait(timeout=300), process.stderr.read()) for process in processes)
+    assert [code for code, _ in outcomes] == [0, 2], outcomes
+    assert "was made with other settings" in outcomes[1][1] and "Traceback" not in outcomes[1][1]
+    winner = json.loads((run / "config.json").read_text())["scoring"]["seed"]
+    code, err = cli(capsys, "cache", *common(tiny_model, tiny_data, run), "--seed", winner)
+    assert code == 0, err  # the cache on disk is the winner's, stamps and all
+
+
+# -- found by the final probe -------------------------------------------------------------------
+
+
+def test_probe_a_fifo_never_blocks(tmp_path, data):
+    os.mkfifo(tmp_path / "fifo.png")
+    with pytest.raises(DiffattrError, match="not a regular file"):
+        load_image(tmp_path / "fifo.png", resolution=8, channels=1)
+    os.mkfifo(data / "a" / "fifo.png")
+    with pytest.raises(DiffattrError, match="not a regular file"):
+        ImageFolder(data)
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ('{"file_name": "a/img_000.png", "text": "\\ud800"}', "surrogate"),
+        ('{"file_name": "a/img_000.png", "label": 1' + "0" * 5000 + "}", "not a usable JSON line"),
+        ('{"file_name": "a/img\\u0000.png"}', "not a usable path"),
+    ],
+    ids=["surrogate", "huge-int", "nul"],
+)
+def test_probe_metadata_that_python_cannot_take_is_named(data, row, match):
+    (data / "metadata.jsonl").write_text(row + "\n")
+    with pytest.raises(DiffattrError, match=match):
+        ImageFolder(data)
+
+
+def test_probe_links_that_loop_and_names_with_control_characters_are_named(data):
+    (data / "a" / "loop.png").symlink_to("loop.png")
+    with pytest.raises(DiffattrError, match="cannot follow this link"):
+        ImageFolder(data)
+    (data / "a" / "loop.png").unlink()
+    shutil.copy(data / "a" / "img_000.png", data / "a" / "red\x1b[31m.png")
+    with pytest.raises(DiffattrError, match="control characters"):
+        ImageFolder(data)
+
+
+def test_probe_the_pixel_flag_governs_and_elongated_images_are_refused(capsys, tmp_path, tiny_model, tiny_data):
+    _png_header_only(tmp_path / "big.png", 20_000, 20_000)  # beyond PIL's own limit
+    with pytest.raises(DiffattrError) as error:
+        load_image(tmp_path / "big.png", resolution=8, channels=1, max_pixels=10**9)
+    assert "decompression bomb" not in str(error.value)
+    _png_header_only(tmp_path / "long.png", 1, 10_000_000)
+    with pytest.raises(DiffattrError, match="too elongated"):
+        load_image(tmp_path / "long.png", resolution=8, channels=1)
+    args = common(tiny_model, tiny_data, tmp_path / "run", "--max-image-pixels", "0")
+    one_line_error(capsys, "cache", *args, match="--max-image-pixels 0: must be at least 1")
+
+
+def test_probe_the_gallery_shows_candidates_and_reads_no_linked_query(capsys, tmp_path, run_dir, tiny_model, tiny_data):
+    query = tiny_data / "a" / "img_000.png"
+    args = common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", query, "--candidates", "2")
+    assert cli(capsys, "attribute", *args)[0] == 0
+    code, err = cli(capsys, "gallery", "--run-dir", run_dir, "--quiet")
+    assert code == 0, err
+    (folder,) = (run_dir / "queries").iterdir()
+    (folder / "query.png").unlink()
+    (folder / "query.png").symlink_to(query)
+    one_line_error(capsys, "gallery", "--run-dir", run_dir, "--quiet", match="is a link")
+
+
+def test_probe_a_result_with_fields_of_the_wrong_type_is_no_traceback(capsys, run_dir, tiny_model, tiny_data):
+    query = tiny_data / "a" / "img_000.png"
+    assert cli(capsys, "attribute", *common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", query))[0] == 0
+    (result,) = (run_dir / "queries").glob("*/result.json")
+    record = json.loads(result.read_text())
+    result.write_text(json.dumps({**record, "config": 5, "timings": [1]}))
+    code, err = cli(capsys, "gallery", "--run-dir", run_dir, "--quiet")
+    assert code == 0, err
+
+
+def test_probe_replicas_of_another_run_are_refused(capsys, tmp_path, tiny_model, tiny_data):
+    audit = ["--samples", "2", "--sampling-steps", "3", "--alpha", "100", *PERTURB]
+    runs = [tmp_path / "seed0", tmp_path / "seed1"]
+    for seed, run in zip("01", runs):
+        code, err = cli(capsys, "audit", *common(tiny_model, tiny_data, run, "--seed", seed, *audit))
+        assert code == 0, err
+    shutil.copy(runs[1] / "audit" / "replicas.json", runs[0] / "audit" / "replicas.json")
+    one_line_error(
+        capsys, "audit", *common(tiny_model, tiny_data, runs[0], "--seed", "0", *audit), match="replicas.json"
+    )
+
+
+def test_probe_a_null_loss_beyond_float32_is_refused(run_dir):
+    from diffattr.store import RunDirectory
+
+    run = RunDirectory(run_dir)
+    run.save_json(run.file("null_loss.json"), {"null_loss": 1e300})
+    with pytest.raises(DiffattrError, match="null_loss.json"):
+        run.read_null_loss()
