@@ -36,7 +36,7 @@ from .noise import ScoringGrid
 from .perturb import select_parameters
 from .scoring import AGGREGATIONS, top_k
 from .shards import ShardedTensor, shards_complete, write_shards
-from .store import RunDirectory
+from .store import RunDirectory, ids_digest
 
 ENCODING_SHARD_ROWS = 1024  # images per encodings shard: the most the scoring pass holds at once
 
@@ -228,6 +228,7 @@ class Attributor:
                 "root": str(self.data.root),
                 "fingerprint": self._data_fingerprint(),
                 "num_images": len(self.data),
+                "ids_digest": ids_digest(self.ids),
             },
             "scoring": {**self.scoring.fingerprint(), "timesteps": self.timesteps.tolist()},
             "versions": {"diffattr": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__},

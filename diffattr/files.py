@@ -26,8 +26,15 @@ def _write(path: Path, write) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run from the user's group
         write(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

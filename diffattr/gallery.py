@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .data import ImageFolder, file_digest, load_image
 from .errors import DiffattrError
 from .files import atomic_write
-from .store import AUDIT_REPORT_FILE, CONFIG_FILE, RunDirectory
+from .store import AUDIT_REPORT_FILE, CONFIG_FILE, RunDirectory, ids_digest
 
 DEFAULT_AUDIT_ENTRIES = 50
 THUMB_PX = 128  # training images and replicas
@@ -300,14 +300,31 @@ def _open_run(run_dir: Path, train: Path | None) -> _Run:
             f"--run-dir {run_dir} is not a diffattr run directory (no {CONFIG_FILE}); run `diffattr attribute` first"
         )
     ids, timesteps = store.read_ids(), store.read_timesteps()
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    if ids is not None and "ids_digest" in data and ids_digest(ids) != data["ids_digest"]:
+        raise DiffattrError(
+            f"{store.file('ids.json')} does not list the run's training images; delete the run directory"
+        )
     if train is not None:
         train_root = Path(train).expanduser().resolve()
         if not train_root.is_dir():
             raise DiffattrError(f"--train {train}: no such folder")
     else:
-        root = (config.get("data") or {}).get("root") if isinstance(config.get("data"), dict) else None
+        root = data.get("root")
         train_root = Path(root).resolve() if isinstance(root, str) and Path(root).is_dir() else None
+    if train_root is not None and "fingerprint" in data:
+        _check_training_folder(train_root, data["fingerprint"])
     return _Run(store, config, ids, timesteps, train_root)
+
+
+def _check_training_folder(root: Path, fingerprint: str) -> None:
+    """Refuses a training folder whose images or captions changed since the run: its thumbnails
+    and captions would sit beside scores computed on other images."""
+    if ImageFolder(root).fingerprint() != fingerprint:
+        raise DiffattrError(
+            f"training folder {root} has changed since the run (its images or captions differ from config.json's "
+            "data fingerprint): pass the original folder with --train, or rerun `diffattr attribute`"
+        )
 
 
 def _top_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> list[dict]:

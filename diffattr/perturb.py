@@ -216,7 +216,7 @@ def perturbed_copy(
                 break
             loss = query_term()
             history.append(loss.item())
-            _check_finite(history[-1], steps, config)
+            _refuse_divergence(history[-1], steps, config)
             if at_bound or (config.stops_early and done(history)):
                 break
             objective = sign * config.query_weight * loss
@@ -231,13 +231,13 @@ def perturbed_copy(
             bar.update()
         bar.close()
     if not all(torch.isfinite(parameter).all() for parameter in moving):  # the last step's effect, unseen above
-        _check_finite(float("nan"), steps, config)
+        _refuse_divergence(float("nan"), steps, config)
     for parameter in network.parameters():  # a kept copy (shared passes) holds no gradients
         parameter.grad = None
     return PerturbedCopy(network.requires_grad_(False), history, steps)
 
 
-def _check_finite(loss: float, steps: int, config: AttributionConfig) -> None:
+def _refuse_divergence(loss: float, steps: int, config: AttributionConfig) -> None:
     """A perturbation that diverged would score every training image NaN: refused, naming the flags."""
     if not math.isfinite(loss):
         raise DiffattrError(

@@ -165,9 +165,16 @@ def _check_stamp(path: Path, found: str | None, stamp: str) -> None:
         )
 
 
-def run_stamp(config: dict) -> str:
-    """The hash of what shaped every cached number: the checked model, data and scoring sections."""
-    core = _checked({section: config[section] for section in ("model", "data", "scoring") if section in config})
+def ids_digest(ids: list[str]) -> str:
+    """The hash of the training ids in row order (``config.json``'s ``data.ids_digest``)."""
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
+
+
+def run_stamp(config: dict, *, with_attribution: bool = False) -> str:
+    """The hash of what shaped every cached number: the checked model, data and scoring sections
+    (and the attribution section, for what a perturbation produced: Forward-INF's query results)."""
+    sections = ("model", "data", "scoring", "attribution") if with_attribution else ("model", "data", "scoring")
+    core = _checked({section: config[section] for section in sections if section in config})
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -224,10 +231,14 @@ class RunDirectory:
     @property
     def stamp(self) -> str:
         """The run stamp every cached artifact of this directory carries (after the settings check)."""
+        return self.stamp_of(with_attribution=False)
+
+    def stamp_of(self, *, with_attribution: bool) -> str:
+        """:attr:`stamp`, or the stamp of what also depends on the attribution settings."""
         config = self.load_config()
         if config is None:
             raise RuntimeError("the run directory's settings are checked before any artifact is read or written")
-        return run_stamp(config)
+        return run_stamp(config, with_attribution=with_attribution)
 
     @contextlib.contextmanager
     def _locked(self):
@@ -314,24 +325,30 @@ class RunDirectory:
 
     # -- stamped artifacts -----------------------------------------------------------------------
 
-    def save_tensors(self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-        """Writes a safetensors artifact with this run's stamp."""
-        write_tensors(path, tensors, {**(metadata or {}), STAMP_KEY: self.stamp})
+    def save_tensors(
+        self, path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None, *, stamp: str | None = None
+    ) -> None:
+        """Writes a safetensors artifact with this run's stamp (or ``stamp``)."""
+        write_tensors(path, tensors, {**(metadata or {}), STAMP_KEY: stamp or self.stamp})
 
-    def load_tensors(self, path: Path, expected: dict[str, Expected] | None = None) -> dict[str, torch.Tensor]:
-        """Reads a safetensors artifact, refused unless it carries this run's stamp and fits ``expected``."""
-        return read_tensors(path, expected, stamp=self.stamp)
+    def load_tensors(
+        self, path: Path, expected: dict[str, Expected] | None = None, *, stamp: str | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Reads a safetensors artifact, refused unless it carries this run's stamp (or ``stamp``)
+        and fits ``expected``."""
+        return read_tensors(path, expected, stamp=stamp or self.stamp)
 
-    def save_json(self, path: Path, value: dict) -> None:
-        """Writes a JSON-object artifact with this run's stamp."""
-        write_json(path, {**value, "stamp": self.stamp})
+    def save_json(self, path: Path, value: dict, *, stamp: str | None = None) -> None:
+        """Writes a JSON-object artifact with this run's stamp (or ``stamp``)."""
+        write_json(path, {**value, "stamp": stamp or self.stamp})
 
-    def load_json(self, path: Path) -> dict:
-        """Reads a JSON-object artifact of :meth:`save_json`, refused unless it carries this run's stamp."""
+    def load_json(self, path: Path, *, stamp: str | None = None) -> dict:
+        """Reads a JSON-object artifact of :meth:`save_json`, refused unless it carries this run's
+        stamp (or ``stamp``)."""
         value = read_json(path)
         if not isinstance(value, dict):
             raise DiffattrError(f"{path}: expected a JSON object; delete it to recompute")
-        _check_stamp(path, value.get("stamp"), self.stamp)
+        _check_stamp(path, value.get("stamp"), stamp or self.stamp)
         return {key: item for key, item in value.items() if key != "stamp"}
 
     # -- cached tensors --------------------------------------------------------------------------
@@ -443,9 +460,14 @@ class RunDirectory:
         from .data import save_image
 
         folder = self.query_dir(query_id)
-        self.save_tensors(folder / SCORES_FILE, tensors)
+        stamp = self._result_stamp(record)
+        self.save_tensors(folder / SCORES_FILE, tensors, stamp=stamp)
         save_image(query_image, folder / QUERY_IMAGE_FILE)
-        self.save_json(folder / RESULT_FILE, record)
+        self.save_json(folder / RESULT_FILE, record, stamp=stamp)
+
+    def _result_stamp(self, record: dict) -> str:
+        """A Forward-INF result depends on the attribution settings too; a baseline's does not."""
+        return self.stamp_of(with_attribution=record.get("method") == "forward-inf")
 
     def query_folders(self) -> list[Path]:
         """The folders of every finished query, sorted by name."""
@@ -457,11 +479,14 @@ class RunDirectory:
     def load_result(self, folder: Path, num_images: int | None) -> tuple[dict, dict[str, torch.Tensor]]:
         """A query folder's ``result.json`` and its tensors (empty when there are none), refused
         unless both were computed under this run's settings; ``scores`` is ``(N,)``."""
-        result = self.load_json(folder / RESULT_FILE)
+        source = folder / RESULT_FILE
+        value = read_json(source)
+        stamp = self._result_stamp(value if isinstance(value, dict) else {})
+        result = self.load_json(source, stamp=stamp)
         scores = folder / SCORES_FILE
         # −inf: an image a --candidates query left out
         expected = {"scores": Expected((num_images,), finite=False)}
-        tensors = self.load_tensors(scores, expected) if scores.is_file() else {}
+        tensors = self.load_tensors(scores, expected, stamp=stamp) if scores.is_file() else {}
         if tensors and (tensors["scores"] == float("inf")).any():
             raise DiffattrError(f"{scores}: 'scores' holds +inf; delete the folder to recompute")
         return result, tensors

@@ -15,7 +15,7 @@ from PIL import Image
 from diffattr import AttributionConfig, Attributor, DiffattrError, ScoringConfig
 from diffattr.cli import main
 from diffattr.data import load_image
-from diffattr.gallery import _page_name, delta_plot, format_number, write_gallery
+from diffattr.gallery import Thumbnails, _page_name, delta_plot, format_number, write_gallery
 from diffattr.store import RunDirectory, read_json, write_json
 
 from .conftest import write_images
@@ -80,8 +80,8 @@ def build_run(root: Path, tiny_model: Path) -> dict:
     )
     results = attributor.attribute([data / HOSTILE_ID, data / "a" / "img_000.png"], top_k=7)
     first = run_dir / "queries" / results[0].query_id / "result.json"
-    store = RunDirectory(run_dir)  # hand edits keep the run's stamp
-    store.save_json(first, {**read_json(first), "prompt": HOSTILE, "method": "forward-inf"})
+    write_json(first, {**read_json(first), "prompt": HOSTILE, "method": "forward-inf"})  # its stamp kept
+    store = RunDirectory(run_dir)
     audit = run_dir / "audit"
     _png(audit / "replicas" / "0003.png", seed=3)
     _png(audit / "replicas" / "<b>7</b>.png", seed=7)
@@ -183,11 +183,16 @@ def test_thumbnails_are_written_once_and_shared(run, gallery, tmp_path):
     write_gallery(run["run_dir"], gallery, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (gallery / "img").iterdir()} == before  # not rewritten
     # identical images share one thumbnail
+    shutil.copy(run["data"] / "a" / "img_000.png", tmp_path / "twin.png")
+    thumbnails = Thumbnails(tmp_path / "out")
+    assert thumbnails(run["data"] / "a" / "img_000.png").src == thumbnails(tmp_path / "twin.png").src
+    assert len(list((tmp_path / "out" / "img").iterdir())) == 1
+    # a training folder changed since the run is refused: its thumbnails would sit beside other images' scores
     copy = tmp_path / "copy"
     shutil.copytree(run["data"], copy)
     shutil.copy(copy / "a" / "img_000.png", copy / "a" / "img_002.png")
-    out = write_gallery(run["run_dir"], tmp_path / "out", train=copy, progress=False).parent
-    assert len(list((out / "img").iterdir())) == len(thumbs) - 1
+    with pytest.raises(DiffattrError, match="has changed since the run"):
+        write_gallery(run["run_dir"], tmp_path / "out", train=copy, progress=False)
 
 
 def test_hostile_captions_file_names_and_prompts_show_as_text(run, gallery):
@@ -343,7 +348,7 @@ def test_names_that_leave_their_folder_are_refused(run, tmp_path):
     result_file = next((run_dir / "queries").glob("*/result.json"))
     result = read_json(result_file)
     result["top"][0]["id"] = "../../outside.png"
-    RunDirectory(run_dir).save_json(result_file, result)
+    write_json(result_file, result)  # its stamp kept
     with pytest.raises(DiffattrError, match=r"training id '\.\./\.\./outside\.png' points outside"):
         write_gallery(run_dir, progress=False)
 

@@ -594,3 +594,30 @@ def test_probe_a_null_loss_beyond_float32_is_refused(run_dir):
     run.save_json(run.file("null_loss.json"), {"null_loss": 1e300})
     with pytest.raises(DiffattrError, match="null_loss.json"):
         run.read_null_loss()
+
+
+def test_probe_a_forward_inf_result_of_other_attribution_settings_is_refused(
+    capsys, tmp_path, run_dir, tiny_model, tiny_data
+):
+    query = tiny_data / "a" / "img_000.png"
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    for run, lr in ((run_dir, "1e-3"), (other, "1e-2")):
+        args = common(tiny_model, tiny_data, run, "--steps", "2", "--draws-per-step", "4", "--lr", lr, "--query", query)
+        assert cli(capsys, "attribute", *args)[0] == 0
+    shutil.rmtree(run_dir / "queries")
+    shutil.copytree(other / "queries", run_dir / "queries")  # same model, data and grid; another --lr
+    one_line_error(capsys, "gallery", "--run-dir", run_dir, "--quiet", match="result.json")
+
+
+def test_probe_the_gallery_refuses_changed_training_images_and_reordered_ids(capsys, tmp_path, tiny_model, data):
+    run = tmp_path / "run"
+    query = data / "a" / "img_000.png"
+    assert cli(capsys, "attribute", *common(tiny_model, data, run, *PERTURB, "--query", query))[0] == 0
+    ids = json.loads((run / "ids.json").read_text())
+    (run / "ids.json").write_text(json.dumps(ids[::-1]))
+    one_line_error(capsys, "gallery", "--run-dir", run, "--quiet", match="ids.json")
+    (run / "ids.json").write_text(json.dumps(ids))
+    Image.new("L", (8, 8), 255).save(data / "a" / "img_002.png")
+    one_line_error(capsys, "gallery", "--run-dir", run, "--quiet", match="has changed since the run")
+    assert oct((run / "config.json").stat().st_mode & 0o777) != "0o600"
