@@ -29,6 +29,7 @@ hold — the most memorized images would be the ones never flagged.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -177,9 +178,15 @@ def _is_attributed(entry, ids: set[str]) -> bool:
     return (
         isinstance(entry, dict)
         and isinstance(entry.get("seed"), int)
-        and entry.get("top1") in ids
         and isinstance(entry.get("top"), list)
+        and bool(entry["top"])
+        and all(
+            isinstance(e, dict) and e.get("id") in ids and isinstance(e.get("score"), (int, float))
+            for e in entry["top"]
+        )
+        and entry.get("top1") == entry["top"][0]["id"]
         and isinstance(entry.get("query_id"), str)
+        and re.fullmatch(r"[A-Za-z0-9_.-]+", entry["query_id"]) is not None
     )
 
 
@@ -322,7 +329,8 @@ class _Audit:
         flags = is_replica(nearest.distances[:, 0], reference, alpha=self.config.alpha)
         ratios = carlini_ratio(nearest.distances[:, 0], reference)
         path = self.file(AUDIT_REPLICAS_FILE)
-        saved = self.store.load_json(path).get("replicas") if path.is_file() else []
+        stamp = self.store.stamp_of(with_attribution=True)  # attributions depend on the perturbation too
+        saved = self.store.load_json(path, stamp=stamp).get("replicas") if path.is_file() else []
         known = set(self.ids)
         if not (isinstance(saved, list) and all(_is_attributed(entry, known) for entry in saved)):
             raise DiffattrError(f"{path}: expected a list of attributed samples; delete it to recompute")
@@ -349,7 +357,7 @@ class _Audit:
                     save_image(self.model.decode(samples[g : g + 1])[0].cpu(), self.file(entry["file"]))
                 if seed not in attributed:
                     attributed[seed] = self.attribute(entry)
-                    self.store.save_json(path, {"replicas": list(attributed.values())})
+                    self.store.save_json(path, {"replicas": list(attributed.values())}, stamp=stamp)
                 entry.update({key: attributed[seed][key] for key in ("top1", "top", "query_id")})
             entries.append(entry)
         return entries

@@ -87,8 +87,16 @@ def _clip(args):
     return ClipEmbedder(args.clip_model, args.clip_weights, device=resolve_device(args.device))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other diffattr error (``--help`` shows usage)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("diffattr").strip()
+        self.exit(2, f"diffattr: error: {command + ': ' if command else ''}{' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffattr", description="Which training images made this generated image?")
+    parser = _Parser(prog="diffattr", description="Which training images made this generated image?")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 

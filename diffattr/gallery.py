@@ -329,7 +329,8 @@ def _check_training_folder(root: Path, fingerprint: str) -> None:
 
 def _top_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> list[dict]:
     """The top-k of one query: result.json's list, extended from ``scores`` when ``top_k`` asks for more."""
-    top = [entry for entry in result.get("top") or [] if isinstance(entry, dict)]
+    listed = result.get("top") if isinstance(result.get("top"), list) else []
+    top = [entry for entry in listed if isinstance(entry, dict)]
     if top_k is None or top_k <= len(top):
         return top if top_k is None else top[:top_k]
     if "scores" not in scores or run.ids is None or len(run.ids) != len(scores["scores"]):

@@ -261,7 +261,7 @@ def test_5_a_non_utf8_file_name_in_the_data_is_named(capsys, tmp_path, tiny_mode
 )
 def test_5_query_names_no_file_could_have_are_refused_by_argparse(capsys, tmp_path, tiny_model, tiny_data, query):
     code, err = cli(capsys, "attribute", *common(tiny_model, tiny_data, tmp_path / "run"), "--query", query)
-    assert code == 2 and "argument --query" in err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("diffattr: error: attribute: argument --query")
     assert not (tmp_path / "run").exists()
 
 
@@ -621,3 +621,30 @@ def test_probe_the_gallery_refuses_changed_training_images_and_reordered_ids(cap
     Image.new("L", (8, 8), 255).save(data / "a" / "img_002.png")
     one_line_error(capsys, "gallery", "--run-dir", run, "--quiet", match="has changed since the run")
     assert oct((run / "config.json").stat().st_mode & 0o777) != "0o600"
+
+
+def test_reprobe_replicas_attributed_under_another_lr_are_refused(capsys, tmp_path, tiny_model, tiny_data):
+    audit = ["--samples", "2", "--sampling-steps", "3", "--alpha", "100", "--steps", "2", "--draws-per-step", "4"]
+    runs = [tmp_path / "lr4", tmp_path / "lr1"]
+    for lr, run in zip(("1e-4", "1e-1"), runs):
+        code, err = cli(capsys, "audit", *common(tiny_model, tiny_data, run, *audit, "--lr", lr))
+        assert code == 0, err
+    shutil.copy(runs[1] / "audit" / "replicas.json", runs[0] / "audit" / "replicas.json")
+    (runs[0] / "audit" / "report.json").unlink()
+    one_line_error(
+        capsys, "audit", *common(tiny_model, tiny_data, runs[0], *audit, "--lr", "1e-4"), match="replicas.json"
+    )
+
+
+def test_reprobe_a_result_whose_top_is_not_a_list_is_no_traceback(capsys, run_dir, tiny_model, tiny_data):
+    query = tiny_data / "a" / "img_000.png"
+    assert cli(capsys, "attribute", *common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", query))[0] == 0
+    (result,) = (run_dir / "queries").glob("*/result.json")
+    result.write_text(json.dumps({**json.loads(result.read_text()), "top": 5}))
+    code, err = cli(capsys, "gallery", "--run-dir", run_dir, "--quiet")
+    assert code == 0, err
+
+
+def test_reprobe_a_flag_of_the_wrong_type_is_one_line(capsys, tmp_path, tiny_model, tiny_data):
+    code, err = cli(capsys, "cache", *common(tiny_model, tiny_data, tmp_path / "run"), "--max-image-pixels", "1e9")
+    assert code == 2 and err == "diffattr: error: cache: argument --max-image-pixels: invalid int value: '1e9'\n"
