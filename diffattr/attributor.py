@@ -27,7 +27,7 @@ from .audit import AuditInputs, AuditReport, run_audit
 from .baselines import SCORERS, Scorer, ScorerContext, method_names
 from .candidates import DUPLICATE_RADIUS, candidate_rows
 from .config import MAX_IMAGE_PIXELS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
-from .data import ImageFolder, file_digest, load_image
+from .data import ImageFolder, file_digest, load_image, read_text
 from .denoisers import Denoiser
 from .engine import Engine, Response, TrainingSet
 from .errors import DiffattrError
@@ -105,12 +105,7 @@ def _sidecar_prompt(path: Path) -> str:
         raise DiffattrError(
             f"{path}: this text-to-image model needs the query's prompt: pass --prompt, or write it to {sidecar}"
         )
-    try:
-        prompt = sidecar.read_bytes().decode("utf-8").strip()
-    except UnicodeDecodeError as error:
-        raise DiffattrError(
-            f"{sidecar}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
-        ) from None
+    prompt = read_text(sidecar).strip()
     if not prompt:
         raise DiffattrError(
             f"{sidecar} is empty: write the query's prompt into it, or pass --prompt (--prompt '' for none)"

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
 from .baselines import method_names
 from .config import MAX_IMAGE_PIXELS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig, flag_name
 from .errors import DiffattrError
+from .names import name_problem
 
 DEBUG_HELP = "on an unexpected error, show the Python traceback"
 
@@ -32,15 +32,11 @@ def path_argument(value: str) -> Path:
     """A path flag's value, refused by argparse (one line) when no file could have that name."""
     if "\0" in value:
         raise argparse.ArgumentTypeError(f"{value!r} contains a NUL byte, which no file name can hold")
-    try:
-        encoded = value.encode("utf-8")
-    except UnicodeEncodeError:
-        shown = os.fsencode(value).decode("utf-8", "backslashreplace")
-        raise argparse.ArgumentTypeError(f"{shown}: not valid UTF-8; rename the file or folder") from None
-    if any(ord(character) < 32 or ord(character) == 127 for character in value):
-        raise argparse.ArgumentTypeError(f"{value!r} holds control characters; rename the file or folder")
+    problem = name_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}; rename the file or folder")
     longest = max((len(part.encode("utf-8")) for part in Path(value).parts), default=0)
-    if longest > 255 or len(encoded) > 4095:
+    if longest > 255 or len(value.encode("utf-8")) > 4095:
         raise argparse.ArgumentTypeError(f"{value[:60]}…: longer than file names can be (255 bytes a part)")
     return Path(value)
 

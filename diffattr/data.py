@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +28,13 @@ from PIL import Image, UnidentifiedImageError
 from .config import MAX_IMAGE_PIXELS
 from .errors import DiffattrError
 from .files import atomic_write
+from .names import name_problem
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 METADATA_FILE = "metadata.jsonl"
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-# Full scale of the high-bit-depth greyscale modes PIL opens (an 8-bit conversion would clip them).
-_FULL_SCALE = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+# PIL's 16-bit greyscale modes (an 8-bit conversion would clip every value above 255).
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 @dataclass(frozen=True)
@@ -59,28 +59,27 @@ def _inside(root: Path, path: Path) -> bool:
 
 
 def check_file_name(path: Path) -> None:
-    """Refuses a file name that no JSON, HTML page or terminal can carry faithfully: not UTF-8, or
-    holding control characters (a newline or an escape sequence would reach the user's terminal)."""
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        raise DiffattrError(f"{shown}: the file name is not valid UTF-8; rename the file") from None
-    if any(unicodedata.category(character) == "Cc" for character in str(path)):
-        raise DiffattrError(f"{str(path)!r}: the file name holds control characters; rename the file")
+    """Refuses a file name that no JSON, HTML page or terminal can carry faithfully (``names.py``)."""
+    problem = name_problem(str(path))
+    if problem:
+        raise DiffattrError(f"{problem}; rename the file")
 
 
 def _metadata_lines(path: Path) -> list[str]:
     """The lines of a JSONL file, split on ``\n`` only: U+2028 and U+0085 may sit inside a caption."""
     if not path.is_file():
         raise DiffattrError(f"{path} is not a file; remove it or replace it with a {METADATA_FILE} file")
+    return [line.removesuffix("\r") for line in read_text(path).split("\n")]
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a metadata file, a sidecar prompt), refused by name when it is not UTF-8."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
         raise DiffattrError(
             f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
         ) from None
-    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _parse_label(value, *, where: str) -> int | None:
@@ -294,16 +293,15 @@ def _open_unlimited(path) -> Image.Image:
 def _bands(image: Image.Image, channels: int) -> Image.Image:
     """The image in the model's mode; high-bit-depth greyscale as one float band on the 0–255 scale
     (a direct conversion to 8 bits would clip every value above 255)."""
-    if image.mode in _FULL_SCALE or image.mode in ("I", "F"):
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         values = np.asarray(image, dtype=np.float64)
         if image.mode == "F":
             full_scale = 1.0
-        elif image.mode in _FULL_SCALE or image.format == "PNG":  # PNG holds at most 16 bits per sample
+        elif image.mode in _SIXTEEN_BIT_MODES or image.format == "PNG":  # PNG holds at most 16 bits per sample
             full_scale = 65535.0
         else:
             full_scale = 65535.0 if values.max(initial=0) <= 65535 else 2.0**32 - 1
-        grey = Image.fromarray((values * (255.0 / full_scale)).astype(np.float32), mode="F")
-        return grey
+        return Image.fromarray((values * (255.0 / full_scale)).astype(np.float32), mode="F")
     if image.mode == "P":  # a palette with transparency converts cleanly only through RGBA
         image = image.convert("RGBA")
     return image.convert(_MODES[channels])

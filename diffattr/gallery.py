@@ -267,6 +267,7 @@ class _Run:
     ids: list[str] | None
     timesteps: torch.Tensor | None
     train_root: Path | None
+    train: ImageFolder | None = None  # the training folder, when already read (its fingerprint checked)
     _metadata: dict[str, dict] | None = None
 
     def metadata(self) -> dict[str, dict]:
@@ -275,7 +276,7 @@ class _Run:
             self._metadata = {}
             if self.train_root is not None:
                 try:
-                    records = ImageFolder(self.train_root).records
+                    records = (self.train or ImageFolder(self.train_root)).records
                 except DiffattrError:
                     records = []
                 self._metadata = {r.id: {"text": r.text, "label": r.label} for r in records}
@@ -312,19 +313,20 @@ def _open_run(run_dir: Path, train: Path | None) -> _Run:
     else:
         root = data.get("root")
         train_root = Path(root).resolve() if isinstance(root, str) and Path(root).is_dir() else None
-    if train_root is not None and "fingerprint" in data:
-        _check_training_folder(train_root, data["fingerprint"])
-    return _Run(store, config, ids, timesteps, train_root)
+    folder = _checked_training_folder(train_root, data["fingerprint"]) if train_root and "fingerprint" in data else None
+    return _Run(store, config, ids, timesteps, train_root, folder)
 
 
-def _check_training_folder(root: Path, fingerprint: str) -> None:
-    """Refuses a training folder whose images or captions changed since the run: its thumbnails
-    and captions would sit beside scores computed on other images."""
-    if ImageFolder(root).fingerprint() != fingerprint:
+def _checked_training_folder(root: Path, fingerprint: str) -> ImageFolder:
+    """The training folder, refused when its images or captions changed since the run: its
+    thumbnails and captions would sit beside scores computed on other images."""
+    folder = ImageFolder(root)
+    if folder.fingerprint() != fingerprint:
         raise DiffattrError(
             f"training folder {root} has changed since the run (its images or captions differ from config.json's "
             "data fingerprint): pass the original folder with --train, or rerun `diffattr attribute`"
         )
+    return folder
 
 
 def _top_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> list[dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import DiffattrError
-from .store import STAMP_KEY, Expected, check_tensor, read_json, read_tensors, write_json, write_tensors
+from .store import STAMP_KEY, Expected, check_tensor, read_header, read_json, read_tensors, write_json, write_tensors
 
 INDEX_FILE = "index.json"
 
@@ -55,7 +55,7 @@ def write_shards(
         stop = min(start + shard_rows, num_rows)
         if path.is_file():
             try:
-                read_tensors(path, stamp=stamp)
+                read_header(path, stamp)
                 continue
             except DiffattrError:  # left by an unfinished run under other settings, or damaged: redone
                 pass
@@ -66,7 +66,7 @@ def write_shards(
         keys = sorted(tensors)
         write_tensors(path, tensors, {STAMP_KEY: stamp})
     if keys is None:  # every shard was already there
-        keys = sorted(read_tensors(_shard_file(folder, 0), stamp=stamp))
+        keys = sorted(read_header(_shard_file(folder, 0), stamp))
     index = {"num_rows": num_rows, "shard_rows": shard_rows, "keys": keys, "stamp": stamp}
     write_json(folder / INDEX_FILE, index)
 
@@ -107,10 +107,10 @@ class ShardedTensor:
         self.num_rows: int = index["num_rows"]
         self.shard_rows: int = index["shard_rows"]
         self._cached: tuple[int, torch.Tensor] | None = None
-        self._row_shape, self.dtype = row_shape, None  # until the first shard tells them
-        self._floating = True if row_shape is not None else None  # a key of known row shape holds floats
+        # A key of known row shape holds float32 rows; another is held to what its first shard holds.
+        self._row_shape, self._floating = row_shape, True if row_shape is not None else None
         first = self._shard(0)
-        self._row_shape, self.dtype = tuple(first.shape[1:]), first.dtype
+        self._row_shape, self._floating, self.dtype = tuple(first.shape[1:]), first.dtype.is_floating_point, first.dtype
 
     @classmethod
     def open(
@@ -139,7 +139,7 @@ class ShardedTensor:
                 raise DiffattrError(f"{path}: no tensor {self.key!r}; delete {self.folder} to recompute")
             rows = min(self.shard_rows, self.num_rows - index * self.shard_rows)
             shape = (rows, ...) if self._row_shape is None else (rows, *self._row_shape)
-            floating = self._floating if self._floating is not None else (self.dtype or tensor.dtype).is_floating_point
+            floating = tensor.dtype.is_floating_point if self._floating is None else self._floating
             check_tensor(path, self.key, tensor, Expected(shape, floating))
             self._cached = (index, tensor)
         return self._cached[1]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import distributed
 from .config import AttributionConfig, ScoringConfig, config_differences, with_defaults
@@ -141,11 +141,10 @@ def read_tensors(
             missing, or a tensor of another shape or dtype, or holding NaN or infinite values.
     """
     try:
-        if stamp is not None:
-            with safe_open(path, framework="pt") as handle:
-                found = (handle.metadata() or {}).get(STAMP_KEY)
-            _check_stamp(path, found, stamp)
-        tensors = load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            if stamp is not None:
+                _check_stamp(path, (handle.metadata() or {}).get(STAMP_KEY), stamp)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except DiffattrError:
         raise
     except Exception as error:  # safetensors raises its own types for truncated or foreign files
@@ -157,12 +156,36 @@ def read_tensors(
     return tensors
 
 
+def read_header(path: Path, stamp: str) -> list[str]:
+    """The tensor names of a safetensors file that carries ``stamp``, read from its header alone.
+
+    Raises:
+        DiffattrError: naming the file: unreadable or truncated, or written under another stamp.
+    """
+    try:
+        with safe_open(path, framework="pt") as handle:
+            _check_stamp(path, (handle.metadata() or {}).get(STAMP_KEY), stamp)
+            return list(handle.keys())
+    except DiffattrError:
+        raise
+    except Exception as error:  # safetensors raises its own types for truncated or foreign files
+        raise DiffattrError(f"{path}: cannot read this safetensors file ({error}); delete it to recompute") from None
+
+
 def _check_stamp(path: Path, found: str | None, stamp: str) -> None:
     if found != stamp:
         raise DiffattrError(
             f"{path} was computed under other settings than the run directory's {CONFIG_FILE} (another model, "
             "data set or scoring grid, or an older diffattr): delete it to recompute, or use a new --run-dir"
         )
+
+
+def _unstamped(path: Path, value, stamp: str) -> dict:
+    """A JSON artifact's object without its stamp, refused unless it is an object with ``stamp``."""
+    if not isinstance(value, dict):
+        raise DiffattrError(f"{path}: expected a JSON object; delete it to recompute")
+    _check_stamp(path, value.get("stamp"), stamp)
+    return {key: item for key, item in value.items() if key != "stamp"}
 
 
 def ids_digest(ids: list[str]) -> str:
@@ -249,10 +272,10 @@ class RunDirectory:
         except ImportError:  # not POSIX: no lock (the check is then racy between processes)
             yield
             return
-        self.path.mkdir(parents=True, exist_ok=True)
         if not distributed.is_main():  # rank 0 checks for all (the others would wait on it in a barrier)
             yield
             return
+        self.path.mkdir(parents=True, exist_ok=True)
         with open(self.file(LOCK_FILE), "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
@@ -345,11 +368,7 @@ class RunDirectory:
     def load_json(self, path: Path, *, stamp: str | None = None) -> dict:
         """Reads a JSON-object artifact of :meth:`save_json`, refused unless it carries this run's
         stamp (or ``stamp``)."""
-        value = read_json(path)
-        if not isinstance(value, dict):
-            raise DiffattrError(f"{path}: expected a JSON object; delete it to recompute")
-        _check_stamp(path, value.get("stamp"), stamp or self.stamp)
-        return {key: item for key, item in value.items() if key != "stamp"}
+        return _unstamped(path, read_json(path), stamp or self.stamp)
 
     # -- cached tensors --------------------------------------------------------------------------
 
@@ -480,9 +499,9 @@ class RunDirectory:
         """A query folder's ``result.json`` and its tensors (empty when there are none), refused
         unless both were computed under this run's settings; ``scores`` is ``(N,)``."""
         source = folder / RESULT_FILE
-        value = read_json(source)
+        value = read_json(source)  # once: which stamp it must carry depends on its method
         stamp = self._result_stamp(value if isinstance(value, dict) else {})
-        result = self.load_json(source, stamp=stamp)
+        result = _unstamped(source, value, stamp)
         scores = folder / SCORES_FILE
         # −inf: an image a --candidates query left out
         expected = {"scores": Expected((num_images,), finite=False)}
