@@ -71,6 +71,7 @@ from .store import (
     AUDIT_SCORES_FILE,
     Expected,
     RunDirectory,
+    present,
 )
 
 SAMPLE_BATCH = 64  # samples denoised together; each sample depends on its seed only
@@ -221,7 +222,7 @@ class _Audit:
         if self.config.samples:  # replicas are attributed: under the run's attribution settings
             settings["attribution"] = (self.store.load_config() or {}).get("attribution")
         path = self.file(AUDIT_CONFIG_FILE)
-        if not path.is_file():
+        if not present(path):
             if self.folder.is_dir() and any(self.folder.iterdir()):
                 raise DiffattrError(
                     f"{self.folder} holds an audit's files but not its {AUDIT_CONFIG_FILE}: delete {self.folder} to "
@@ -246,7 +247,7 @@ class _Audit:
     def neighbours(self, encodings: torch.Tensor) -> dict[str, torch.Tensor]:
         path = self.file(AUDIT_NEIGHBOURS_FILE)
         num_images = len(self.ids)
-        if path.is_file():
+        if present(path):
             return self.store.load_tensors(
                 path,
                 {
@@ -297,7 +298,7 @@ class _Audit:
         seeds = [self.config.sample_seed + i for i in range(self.config.samples)]
         labels, prompts = self.sample_labels(seeds), self.sample_prompts(seeds)
         path = self.file(AUDIT_SAMPLES_FILE)
-        if path.is_file():
+        if present(path):
             expected = {"samples": Expected((None, *self.model.sample_shape)), "seeds": Expected((None,), False)}
             done = self.store.load_tensors(path, expected)["samples"]
         else:
@@ -330,7 +331,7 @@ class _Audit:
         ratios = carlini_ratio(nearest.distances[:, 0], reference)
         path = self.file(AUDIT_REPLICAS_FILE)
         stamp = self.store.stamp_of(with_attribution=True)  # attributions depend on the perturbation too
-        saved = self.store.load_json(path, stamp=stamp).get("replicas") if path.is_file() else []
+        saved = self.store.load_json(path, stamp=stamp).get("replicas") if present(path) else []
         known = set(self.ids)
         if not (isinstance(saved, list) and all(_is_attributed(entry, known) for entry in saved)):
             raise DiffattrError(f"{path}: expected a list of attributed samples; delete it to recompute")
@@ -352,7 +353,7 @@ class _Audit:
             }
             if entry["replica"]:
                 entry["file"] = f"{AUDIT_REPLICAS_DIR}/{seed:04d}.png"
-                if seed not in attributed or not self.file(entry["file"]).is_file():
+                if seed not in attributed or not present(self.file(entry["file"])):
                     # Always from the (stamped) samples: never a file left by another run.
                     save_image(self.model.decode(samples[g : g + 1])[0].cpu(), self.file(entry["file"]))
                 if seed not in attributed:
@@ -511,7 +512,7 @@ class _Audit:
         encodings, labels = self.inputs.encodings, self.inputs.conditions.long()
         num_classes = self.model.num_classes
         path = self.file(AUDIT_MISLABELED_LOSSES_FILE)
-        if path.is_file():
+        if present(path):
             expected = {
                 "class_losses": Expected((len(self.ids), num_classes, baseline.shape[1]), nan=True),  # NaN: to do
                 "done": Expected((num_classes,), floating=False),

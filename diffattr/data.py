@@ -114,10 +114,13 @@ def _read_metadata(root: Path) -> dict[str, dict]:
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise DiffattrError(f'{where}: each line needs a string "file_name"')
         try:
-            target = (root / row["file_name"]).resolve()
+            # The id is the path as written (a link keeps its own name, as in the folder scan); the
+            # file it leads to must be inside the folder too.
+            listed = Path(os.path.normpath(root / row["file_name"]))
+            target = listed.resolve()
         except (OSError, RuntimeError, ValueError) as error:  # a NUL byte, a symbolic link loop
             raise DiffattrError(f"{where}: file_name {row['file_name']!r} is not a usable path ({error})") from None
-        if not _inside(root, target):
+        if not (_inside(root, listed) and _inside(root, target)):
             raise DiffattrError(f"{where}: file_name {row['file_name']!r} points outside the data folder {root}")
         if not target.is_file():
             raise DiffattrError(f"{where}: file_name {row['file_name']!r} does not exist in {root}")
@@ -125,7 +128,7 @@ def _read_metadata(root: Path) -> dict[str, dict]:
             raise DiffattrError(
                 f"{where}: file_name {row['file_name']!r} is not an image ({', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        image_id = target.relative_to(root).as_posix()
+        image_id = listed.relative_to(root).as_posix()
         if image_id in rows:
             raise DiffattrError(f"{where}: {image_id!r} is listed twice in {METADATA_FILE}; keep one line")
         text = row.get("text")
@@ -161,6 +164,12 @@ class ImageFolder:
         if not records:
             raise DiffattrError(
                 f"data folder {self.root} holds no image (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        unused = sorted(set(metadata) - {record.id for record in records})
+        if unused:  # its caption or label would be dropped without a word
+            raise DiffattrError(
+                f"{self.root / METADATA_FILE} lists {unused[0]!r}, which the folder scan skips (a hidden file or "
+                "folder, or one reached through a linked folder): move the image or remove its line"
             )
         self.records: list[ImageRecord] = sorted(records, key=lambda record: record.id)
 

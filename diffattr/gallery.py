@@ -330,23 +330,23 @@ def _checked_training_folder(root: Path, fingerprint: str) -> ImageFolder:
 
 
 def _top_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> list[dict]:
-    """The top-k of one query: result.json's list, extended from ``scores`` when ``top_k`` asks for more."""
+    """The top-k of one query (default: as many as ``result.json`` lists), ranked from the stamped
+    ``scores`` whenever the folder has them, so that the page cannot disagree with the numbers;
+    ``result.json``'s list alone only for a folder without scores."""
     listed = result.get("top") if isinstance(result.get("top"), list) else []
     top = [entry for entry in listed if isinstance(entry, dict)]
-    if top_k is None or top_k <= len(top):
-        return top if top_k is None else top[:top_k]
     if "scores" not in scores or run.ids is None or len(run.ids) != len(scores["scores"]):
-        return top
+        return top if top_k is None else top[:top_k]
     values = scores["scores"].double()
-    order = torch.sort(values, descending=True, stable=True).indices[:top_k]
+    order = torch.sort(values, descending=True, stable=True).indices[: len(top) if top_k is None else top_k]
     order = order[torch.isfinite(values[order])].tolist()  # not the images a --candidates query left out
     known = {entry.get("id"): entry for entry in top}
-    metadata = run.metadata() if any(run.ids[i] not in known for i in order) else {}
-    extended = []
+    metadata = run.metadata()  # the fingerprinted training folder's captions, when it is known
+    ranked = []
     for rank, row in enumerate(order, start=1):
         image_id = run.ids[row]
-        caption = known.get(image_id) or metadata.get(image_id) or {}
-        extended.append(
+        caption = metadata.get(image_id) or known.get(image_id) or {}
+        ranked.append(
             {
                 "rank": rank,
                 "id": image_id,
@@ -355,7 +355,7 @@ def _top_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> li
                 "label": caption.get("label"),
             }
         )
-    return extended
+    return ranked
 
 
 # -- CLIP ----------------------------------------------------------------------------------------

@@ -22,7 +22,17 @@ from pathlib import Path
 import torch
 
 from .errors import DiffattrError
-from .store import STAMP_KEY, Expected, check_tensor, read_header, read_json, read_tensors, write_json, write_tensors
+from .store import (
+    STAMP_KEY,
+    Expected,
+    check_tensor,
+    present,
+    read_header,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
 
 INDEX_FILE = "index.json"
 
@@ -53,7 +63,7 @@ def write_shards(
     for index, start in enumerate(range(0, num_rows, shard_rows)):
         path = _shard_file(folder, index)
         stop = min(start + shard_rows, num_rows)
-        if path.is_file():
+        if present(path):
             try:
                 read_header(path, stamp)
                 continue
@@ -72,7 +82,7 @@ def write_shards(
 
 
 def shards_complete(folder: Path) -> bool:
-    return (folder / INDEX_FILE).is_file()
+    return present(folder / INDEX_FILE)
 
 
 def _read_index(folder: Path, stamp: str, num_rows: int) -> dict:

@@ -172,6 +172,19 @@ def read_header(path: Path, stamp: str) -> list[str]:
         raise DiffattrError(f"{path}: cannot read this safetensors file ({error}); delete it to recompute") from None
 
 
+def present(path: Path) -> bool:
+    """Whether an artifact has been written: ``True`` for a file, ``False`` when nothing is there.
+
+    Raises:
+        DiffattrError: something else (a folder, a dangling link) stands in the artifact's place.
+    """
+    if path.is_file():
+        return True
+    if path.exists() or path.is_symlink():
+        raise DiffattrError(f"{path} is not a file (a folder or a broken link in an artifact's place): remove it")
+    return False
+
+
 def _check_stamp(path: Path, found: str | None, stamp: str) -> None:
     if found != stamp:
         raise DiffattrError(
@@ -231,7 +244,7 @@ class RunDirectory:
         return self.path / name
 
     def exists(self, name: str) -> bool:
-        return self.file(name).is_file()
+        return present(self.file(name))
 
     # -- config.json and ids.json: what shaped the numbers ---------------------------------------
 
@@ -445,7 +458,7 @@ class RunDirectory:
     def read_features(self, method: str, settings: dict, num_images: int) -> torch.Tensor | None:
         """A baseline's ``(N, ...)`` training features saved under exactly these settings, else ``None``."""
         path = self._per_setting_file(f"{METHODS_DIR}/{method}", settings)
-        if not path.is_file():
+        if not present(path):
             return None
         return self.load_tensors(path, {"features": Expected((num_images, ...))})["features"]
 
@@ -457,9 +470,12 @@ class RunDirectory:
         """AbU's Fisher saved under exactly these settings (moved parameters, images), else ``None``;
         ``shapes``: the moved parameters' names and shapes, the tensors the file must hold."""
         path = self._per_setting_file(FISHER_PREFIX, settings)
-        if not path.is_file():
+        if not present(path):
             return None
         fisher = self.load_tensors(path, {name: Expected(tuple(shape)) for name, shape in shapes.items()})
+        negative = [name for name in shapes if (fisher[name] < 0).any()]
+        if negative:  # a sum of squared gradients: a negative entry would reward moving that weight
+            raise DiffattrError(f"{path}: {negative[0]!r} holds negative values; delete it to recompute")
         return {name: fisher[name] for name in shapes}
 
     def write_fisher(self, settings: dict, fisher: dict[str, torch.Tensor]) -> None:
@@ -505,7 +521,7 @@ class RunDirectory:
         scores = folder / SCORES_FILE
         # −inf: an image a --candidates query left out
         expected = {"scores": Expected((num_images,), finite=False)}
-        tensors = self.load_tensors(scores, expected, stamp=stamp) if scores.is_file() else {}
+        tensors = self.load_tensors(scores, expected, stamp=stamp) if present(scores) else {}
         if tensors and (tensors["scores"] == float("inf")).any():
             raise DiffattrError(f"{scores}: 'scores' holds +inf; delete the folder to recompute")
         return result, tensors

@@ -648,3 +648,51 @@ def test_reprobe_a_result_whose_top_is_not_a_list_is_no_traceback(capsys, run_di
 def test_reprobe_a_flag_of_the_wrong_type_is_one_line(capsys, tmp_path, tiny_model, tiny_data):
     code, err = cli(capsys, "cache", *common(tiny_model, tiny_data, tmp_path / "run"), "--max-image-pixels", "1e9")
     assert code == 2 and err == "diffattr: error: cache: argument --max-image-pixels: invalid int value: '1e9'\n"
+
+
+def test_last_probe_the_gallery_ranks_by_the_stamped_scores(capsys, tmp_path, run_dir, tiny_model, tiny_data):
+    query = tiny_data / "a" / "img_000.png"
+    assert cli(capsys, "attribute", *common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", query))[0] == 0
+    (result,) = (run_dir / "queries").glob("*/result.json")
+    record = json.loads(result.read_text())
+    truth = [entry["id"] for entry in record["top"]]
+    edited = [{**entry, "text": "edited"} for entry in record["top"][::-1]]  # the stamp is left in place
+    result.write_text(json.dumps({**record, "top": edited}))
+    out = tmp_path / "site"
+    code, err = cli(capsys, "gallery", "--run-dir", run_dir, "--out", out, "--quiet")
+    assert code == 0, err
+    (page,) = out.glob("query-*.html")
+    html = page.read_text().split("</dl>", 1)[1]  # the ranked images, after the query's facts
+    positions = [html.index(image_id) for image_id in truth]
+    assert positions == sorted(positions) and "edited" not in html
+
+
+def test_last_probe_a_folder_in_an_artifacts_place_is_named(capsys, run_dir, tiny_model, tiny_data):
+    (run_dir / "baseline.safetensors").unlink()
+    (run_dir / "baseline.safetensors").mkdir()
+    one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run_dir), match="baseline.safetensors is not a file")
+
+
+def test_last_probe_a_negative_fisher_is_refused(run_dir):
+    from diffattr.store import RunDirectory
+
+    run = RunDirectory(run_dir)
+    settings = {"images": 4, "params": "all"}
+    run.write_fisher(settings, {"w": torch.tensor([1.0, -0.5])})
+    with pytest.raises(DiffattrError, match="negative"):
+        run.read_fisher(settings, {"w": (2,)})
+
+
+def test_last_probe_a_linked_image_keeps_its_own_caption(data):
+    (data / "a" / "twin.png").symlink_to(data / "a" / "img_000.png")
+    rows = [{"file_name": "a/img_000.png", "text": "original"}, {"file_name": "a/twin.png", "text": "twin"}]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    captions = {record.id: record.text for record in ImageFolder(data)}
+    assert captions["a/img_000.png"] == "original" and captions["a/twin.png"] == "twin"
+
+
+def test_last_probe_metadata_naming_an_image_the_scan_skips_is_refused(data):
+    shutil.copy(data / "a" / "img_000.png", data / "a" / ".hidden.png")
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "a/.hidden.png", "text": "lost"}) + "\n")
+    with pytest.raises(DiffattrError, match="which the folder scan skips"):
+        ImageFolder(data)
