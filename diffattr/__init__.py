@@ -14,8 +14,10 @@ _EXPORTS = {
     "AuditReport": "audit",
     "DiffattrError": "errors",
     "DiffusionModel": "denoisers",
+    "Columns": "data",
     "ImageFolder": "data",
     "ScoringConfig": "config",
+    "TrainingImages": "data",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from .audit import AuditInputs, AuditReport, run_audit
 from .baselines import SCORERS, Scorer, ScorerContext, method_names
 from .candidates import DUPLICATE_RADIUS, candidate_rows
 from .config import MAX_IMAGE_PIXELS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
-from .data import ImageFolder, file_digest, load_image, read_text
+from .data import Columns, TrainingImages, file_digest, load_image, open_training_images, png_bytes, read_text
 from .denoisers import Denoiser
 from .engine import Engine, Response, TrainingSet
 from .errors import DiffattrError
@@ -141,13 +142,37 @@ def _on_all_rows(rows: torch.Tensor, num_images: int, scores, after: LossMatrix,
     return spread(scores, float("-inf")), after, spread(deltas, nan)
 
 
+def _query_list(queries) -> list:
+    """``attribute``'s queries as a list: one path, image or (C, H, W) tensor, a (B, C, H, W) batch, or a list."""
+    if isinstance(queries, torch.Tensor):
+        return list(queries) if queries.ndim == 4 else [queries]
+    if isinstance(queries, (str, os.PathLike)) or not isinstance(queries, (list, tuple)):
+        return [queries]
+    return list(queries)
+
+
+def _require_captions(data: TrainingImages) -> None:
+    """A text-to-image model trained on captions: an image without one would be scored under the
+    empty prompt, a silent change of what is measured (a wrong caption column, a metadata row lost)."""
+    missing = [record.id for record in data.records if record.text is None]
+    if not missing:
+        return
+    columns = f"its columns: {', '.join(data.columns_found)}" if data.columns_found else "it has no metadata file"
+    how = "pass --caption-column with the caption column, " if data.columns_found else "add captions, "
+    raise DiffattrError(
+        f"{len(missing)} of {len(data)} training images have no caption in column {data.columns.caption_name!r} "
+        f"(first: {missing[0]}; {columns}): {how}or --allow-empty-captions to score them under the empty prompt"
+    )
+
+
 class Attributor:
     """Forward-INF attribution of generated images to the training images of a diffusers model.
 
     Args:
-        model: a loaded :class:`~diffattr.denoisers.Denoiser` (``DiffusionModel``) or the path of
-            a local model folder.
-        train: an :class:`ImageFolder` or the path of the training image folder.
+        model: the path of a local model folder, a loaded diffusers pipeline, or a
+            :class:`~diffattr.denoisers.Denoiser` (``DiffusionModel``).
+        train: the training images: an image folder's path, a ``datasets.Dataset``, the path of
+            a ``save_to_disk`` folder or a parquet file, or a :class:`~diffattr.data.TrainingImages`.
         run_dir: where baseline, encodings and results are stored (see ``store.py``).
         scoring: timestep grid, noise draws, seed, batch size.
         attribution: perturbation and aggregation of each query.
@@ -158,12 +183,15 @@ class Attributor:
         device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
         progress: show progress bars.
         max_image_pixels: the largest width × height of an image read (training or query).
+        columns: the image, caption and label columns of the training metadata or table.
+        allow_empty_captions: let a text-to-image model score training images that have no
+            caption (under the empty prompt); otherwise that is an error.
     """
 
     def __init__(
         self,
         model: Denoiser | str | Path,
-        train: ImageFolder | str | Path,
+        train: TrainingImages | str | Path,
         run_dir: str | Path,
         *,
         scoring: ScoringConfig | None = None,
@@ -175,12 +203,20 @@ class Attributor:
         device: str | None = None,
         progress: bool = True,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        columns: Columns | None = None,
+        allow_empty_captions: bool = False,
     ):
         distributed.setup()  # launched by torchrun / accelerate: join the other processes first
-        if not isinstance(model, Denoiser):
+        if isinstance(model, (str, os.PathLike)):
             model = Denoiser.from_pretrained(model, scheduler=scheduler, lora=lora, device=device)
+        elif not isinstance(model, Denoiser):  # a loaded diffusers pipeline
+            from .models import load_pipeline
+
+            model = load_pipeline(model, device=device)
         self.model = model
-        self.data = train if isinstance(train, ImageFolder) else ImageFolder(train)
+        self.data = open_training_images(train, columns)
+        if model.is_text_conditioned and not allow_empty_captions:
+            _require_captions(self.data)
         self.run = RunDirectory(run_dir)
         self.scoring = scoring or ScoringConfig()
         self.attribution = attribution or AttributionConfig()
@@ -220,8 +256,9 @@ class Attributor:
                 "sample_shape": list(self.model.sample_shape),
             },
             "data": {
-                "root": str(self.data.root),
+                "root": None if self.data.root is None else str(self.data.root),
                 "fingerprint": self._data_fingerprint(),
+                **self.data.settings(),
                 "num_images": len(self.data),
                 "ids_digest": ids_digest(self.ids),
             },
@@ -295,7 +332,7 @@ class Attributor:
         with bar, torch.inference_mode():
             for first in range(0, len(records), batch_size):
                 batch = records[first : first + batch_size]
-                pixels = torch.stack([self.load_image(r.path) for r in batch])
+                pixels = torch.stack([self.load_image(self.data.source(r), name=self.data.name(r)) for r in batch])
                 chunks.append(self.model.encode(pixels.to(self.model.device)).cpu())
                 condition = self.model.conditions(
                     [r.id for r in batch], labels=[r.label for r in batch], prompts=[r.text for r in batch]
@@ -310,13 +347,18 @@ class Attributor:
 
     def training_images(self) -> torch.Tensor:
         """``(N, C, H, W)`` training images in ``[-1, 1]``, as the model sees them (pixel baselines)."""
-        records = self.data.records
-        return torch.stack([self.load_image(r.path) for r in tqdm(records, disable=not self.progress, desc="images")])
+        records = tqdm(self.data.records, disable=not self.progress, desc="images")
+        return torch.stack([self.load_image(self.data.source(r), name=self.data.name(r)) for r in records])
 
-    def load_image(self, path: Path) -> torch.Tensor:
-        """An image file as the model sees it: ``(C, H, W)`` in ``[-1, 1]`` at its resolution."""
+    def load_image(self, path, *, name: str | None = None) -> torch.Tensor:
+        """An image (a path or a file-like object) as the model sees it: ``(C, H, W)`` in ``[-1, 1]``
+        at its resolution."""
         return load_image(
-            path, resolution=self.model.resolution, channels=self.model.channels, max_pixels=self.max_image_pixels
+            path,
+            resolution=self.model.resolution,
+            channels=self.model.channels,
+            max_pixels=self.max_image_pixels,
+            name=name,
         )
 
     def baseline(self) -> torch.Tensor:
@@ -395,9 +437,9 @@ class Attributor:
 
     def attribute(
         self,
-        queries: list[str | Path] | str | Path,
+        queries,
         *,
-        labels: list[int | None] | int | None = None,
+        labels: list[int | str | None] | int | str | None = None,
         prompts: list[str | None] | str | None = None,
         top_k: int = 10,
         method: str = "forward-inf",
@@ -406,9 +448,12 @@ class Attributor:
         """Ranks the training images by their influence on each query image.
 
         Args:
-            queries: image file(s) generated by the model (or any image to attribute).
+            queries: what to attribute: image file paths, PIL images (e.g. ``pipe(prompt).images``)
+                or ``(C, H, W)`` tensors in ``[-1, 1]`` (a ``(B, C, H, W)`` batch is B queries), one or
+                a list. Objects are kept in the run directory as 8-bit PNGs (``inputs/``), and
+                attributed as those files: a tensor is rounded to 8 bits first.
             labels: class label of each query (one for all, or one per query) for
-                class-conditional models.
+                class-conditional models: an index, or one of the training set's class names.
             prompts: prompt of each query (one for all, or one per query) for text-to-image
                 models; a query without one reads it from ``<query>.txt`` beside the image.
             top_k: how many training images ``result.json`` lists (all N when ``top_k`` ≥ N).
@@ -421,7 +466,6 @@ class Attributor:
         Returns:
             One :class:`AttributionResult` per query, also written under ``<run-dir>/queries/``.
         """
-        paths = [Path(q) for q in ([queries] if isinstance(queries, (str, Path)) else queries)]
         if top_k < 1:
             raise DiffattrError(f"--top-k {top_k}: must be at least 1")
         if method not in method_names():
@@ -436,6 +480,7 @@ class Attributor:
                 "images, so candidates would score otherwise than in the full pass; use another aggregation"
             )
         # Fail on a bad query, label, prompt or option before any long pass.
+        paths = [self._query_path(query) for query in _query_list(queries)]
         batch = self._queries(paths, labels, prompts)
         if method != "forward-inf":
             return self._attribute_baseline(method, batch, top_k)
@@ -456,8 +501,13 @@ class Attributor:
                 self._checked_attribution = False
             raise
 
+    def _query_path(self, query) -> Path:
+        if isinstance(query, (str, os.PathLike)):
+            return Path(query)
+        return self.run.save_input(png_bytes(query))
+
     def _queries(self, paths: list[Path], labels, prompts) -> list[_Query]:
-        labels = _one_per_query(labels, paths, "--label")
+        labels = [self.data.class_index(label) for label in _one_per_query(labels, paths, "--label")]
         prompts = _one_per_query(prompts, paths, "--prompt")
         if self.model.num_classes is None and any(label is not None for label in labels):
             raise DiffattrError("--label given, but this model is not class-conditional: drop --label")
@@ -644,7 +694,7 @@ class Attributor:
         self,
         config: AuditConfig | None = None,
         *,
-        leakage: str | Path | ImageFolder | None = None,
+        leakage: str | Path | TrainingImages | None = None,
         mislabeled: bool = False,
     ) -> AuditReport:
         """Ranks the training images by how memorized they look, with the evidence (see ``audit.py``).
@@ -675,7 +725,7 @@ class Attributor:
         test = None
         if leakage is not None:
             try:
-                test = leakage if isinstance(leakage, ImageFolder) else ImageFolder(leakage)
+                test = open_training_images(leakage)
             except DiffattrError as error:
                 raise DiffattrError(f"--leakage: {error}") from None
         if config.samples:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import AuditConfig, config_differences
-from .data import ImageFolder, save_image
+from .data import TrainingImages, save_image
 from .denoisers import Denoiser
 from .errors import DiffattrError
 from .losses import loss_matrix
@@ -467,14 +467,14 @@ class _Audit:
 
     # -- optional: leakage and mislabels ------------------------------------------------------------
 
-    def leakage(self, test: ImageFolder, encodings: torch.Tensor, neighbours: dict[str, torch.Tensor]) -> list[dict]:
+    def leakage(self, test: TrainingImages, encodings: torch.Tensor, neighbours: dict[str, torch.Tensor]) -> list[dict]:
         """Each test image's nearest training image, and whether it is a copy (Carlini's criterion)."""
         flat = _flat(encodings)
         records = test.records
         entries = []
         for start in tqdm(range(0, len(records), 256), disable=not self.progress, desc="leakage"):
             chunk = records[start : start + 256]
-            pixels = torch.stack([self.inputs.load_image(r.path) for r in chunk])
+            pixels = torch.stack([self.inputs.load_image(test.source(r), name=test.name(r)) for r in chunk])
             queries = self.model.encode(pixels.to(self.model.device)).cpu()
             found = nearest_neighbours(queries, flat, k=1)
             distance, top1 = found.distances[:, 0], found.indices[:, 0]
@@ -568,7 +568,7 @@ def run_audit(
     inputs: AuditInputs,
     config: AuditConfig,
     *,
-    leakage: ImageFolder | None = None,
+    leakage: TrainingImages | None = None,
     mislabeled: bool = False,
 ) -> AuditReport:
     """Runs (or resumes) the audit and writes ``<run-dir>/audit/``; see the module docstring.

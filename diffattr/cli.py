@@ -53,7 +53,13 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
         type=path_argument,
         help="LoRA adapter folder (diffusers/peft format), fused into a text-to-image --model",
     )
-    parser.add_argument("--train", required=True, type=path_argument, help="training image folder (imagefolder layout)")
+    parser.add_argument(
+        "--train",
+        required=True,
+        type=path_argument,
+        help="training images: an image folder (imagefolder layout), a datasets save_to_disk folder or a parquet file",
+    )
+    _add_column_flags(parser)
     parser.add_argument("--run-dir", required=True, type=path_argument, help="where caches and results are stored")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, … (default: auto)")
     parser.add_argument(
@@ -64,6 +70,23 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(parser, ScoringConfig)
+
+
+def _add_column_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-column", help="image column of a datasets table (default: image)")
+    parser.add_argument("--caption-column", help="caption column of the metadata or table (default: text)")
+    parser.add_argument("--label-column", help="class-label column of the metadata or table (default: label)")
+    parser.add_argument(
+        "--allow-empty-captions",
+        action="store_true",
+        help="text-to-image models: score training images without a caption under the empty prompt (else an error)",
+    )
+
+
+def _columns(args):
+    from .data import Columns
+
+    return Columns(image=args.image_column, caption=args.caption_column, label=args.label_column)
 
 
 def _add_clip_flags(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--query", required=True, action="append", type=path_argument, help="query image (repeatable)"
     )
     attribute.add_argument(
-        "--label", action="append", type=int, help="class label of the queries (once for all, or once per --query)"
+        "--label",
+        action="append",
+        help="class label of the queries, an index or a class name (once for all, or once per --query)",
     )
     attribute.add_argument(
         "--prompt",
@@ -166,6 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_flags(gallery)
     gallery.add_argument("--device", default="auto", help="where CLIP runs: cpu, cuda, … (default: auto)")
     gallery.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    export = commands.add_parser(
+        "export", help="a run directory's rankings as a table (one row per query × rank) and its score matrix"
+    )
+    export.add_argument("--run-dir", required=True, type=path_argument, help="a run directory of `diffattr attribute`")
+    export.add_argument("--format", default="csv", choices=["csv", "jsonl", "parquet"], help="table format")
+    export.add_argument("--out", type=path_argument, help="table file (default: <run-dir>/results.<format>)")
+    export.add_argument("--top-k", type=int, help="rows per query (default: as many as its result.json lists)")
+    export.add_argument("--train", type=path_argument, help="training data for captions (default: config.json's)")
+    export.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
     for command in commands.choices.values():  # also after the subcommand; SUPPRESS keeps the main flag's value
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
@@ -184,6 +220,8 @@ def _attributor(args, **extra):
         device=args.device,
         progress=not args.quiet,
         max_image_pixels=args.max_image_pixels,
+        columns=_columns(args),
+        allow_empty_captions=args.allow_empty_captions,
         **extra,
     )
 
@@ -235,6 +273,13 @@ def run(args: argparse.Namespace) -> None:
             args.run_dir, args.out, top_k=args.top_k, train=args.train, clip=_clip(args), progress=not args.quiet
         )
         _say(f"gallery: {index}")
+    elif args.command == "export":
+        from .export import export
+
+        out = args.out or args.run_dir / f"results.{args.format}"
+        table, matrix = export(args.run_dir, out, fmt=args.format, top_k=args.top_k, train=args.train)
+        if not args.quiet:
+            _say(f"rows: {table}\nscore matrix: {matrix}")
     elif args.command == "demo":
         from .demo import run_demo
 

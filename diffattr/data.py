@@ -1,9 +1,16 @@
 """Training and query images in the Hugging Face *imagefolder* convention.
 
-A data folder holds image files at any depth and, optionally, a ``metadata.jsonl`` at its root
-whose lines are ``{"file_name": "<relative path>", "text": "<caption>", "label": <int>}``. Each
-image's stable id is its path relative to the folder, with ``/`` separators: ids never depend on
-the order in which files are found, so noise, caches and results stay attached to the right image.
+A data folder holds image files at any depth and, optionally, one metadata file at its root —
+``metadata.jsonl``, ``metadata.csv`` or ``metadata.parquet`` — whose rows name an image in
+``file_name`` (relative path) beside its caption (column ``text``, or ``--caption-column``) and
+class label (``label``, or ``--label-column``). Each image's stable id is its path relative to the
+folder, with ``/`` separators: ids never depend on the order in which files are found, so noise,
+caches and results stay attached to the right image.
+
+Labels are integers, or class names mapped to indices in sorted order (as ``datasets``'
+``ClassLabel`` does; the mapping is recorded in the run's ``config.json``). When no metadata row
+carries a label and every image sits in a sub-folder at one depth, the sub-folder's name is the
+label (the imagefolder convention): ``3/0001.png`` is class 3, ``cat/0001.png`` a class name.
 
 Images reach the model as ``(C, H, W)`` float tensors in ``[-1, 1]``: converted to the model's
 channels (``L`` for 1, ``RGB`` for 3, ``RGBA`` for 4 — an alpha channel is dropped, not blended),
@@ -15,7 +22,9 @@ as ``[0, 1]``. An image of more than ``max_pixels`` pixels is refused before it 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -32,6 +41,7 @@ from .names import name_problem
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 METADATA_FILE = "metadata.jsonl"
+METADATA_FILES = (METADATA_FILE, "metadata.csv", "metadata.parquet")  # the formats ``datasets`` reads
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 # PIL's 16-bit greyscale modes (an 8-bit conversion would clip every value above 255).
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -43,15 +53,56 @@ class ImageRecord:
 
     Attributes:
         id: path relative to the folder root, ``/``-separated; the image's identity everywhere.
-        path: absolute path of the file.
-        text: caption from ``metadata.jsonl``, if any.
-        label: integer class label from ``metadata.jsonl``, if any.
+        path: absolute path of the file (``None`` for an image held in a ``datasets`` table).
+        text: caption from the metadata, if any.
+        label: integer class index, if any.
     """
 
     id: str
-    path: Path
+    path: Path | None
     text: str | None = None
     label: int | None = None
+    row: int | None = None  # the row of a ``datasets`` table (``path`` is then ``None``)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where the image, the caption and the label are, by the names diffusers' training scripts use
+    (``--image-column``, ``--caption-column``; ``None``: the default). A column the user names must exist."""
+
+    image: str | None = None  # default "image"; a folder's metadata names its files in "file_name"
+    caption: str | None = None  # default "text"
+    label: str | None = None  # default "label"
+
+    @property
+    def caption_name(self) -> str:
+        return self.caption or "text"
+
+    @property
+    def label_name(self) -> str:
+        return self.label or "label"
+
+    def to_dict(self) -> dict[str, str]:
+        """The columns the user named (recorded with the run's data settings)."""
+        return {key: value for key, value in vars(self).items() if value is not None}
+
+
+def class_indices(labels: list, *, where: str) -> tuple[list[int | None], list[str] | None]:
+    """Integer labels as they are; class names mapped to their index in sorted order.
+
+    Returns:
+        the index of each label (``None`` where none), and the class names (``None`` for integers).
+    """
+    given = [label for label in labels if label is not None]
+    if all(isinstance(label, int) for label in given):
+        return list(labels), None
+    if not all(isinstance(label, str) for label in given):
+        raise DiffattrError(f"{where}: labels mix integers and class names; use one or the other")
+    if all(label.strip().lstrip("-").isdecimal() for label in given):  # a CSV's integers
+        return [None if label is None else int(label) for label in labels], None
+    names = sorted(set(given))
+    index = {name: i for i, name in enumerate(names)}
+    return [None if label is None else index[label] for label in labels], names
 
 
 def _inside(root: Path, path: Path) -> bool:
@@ -67,8 +118,6 @@ def check_file_name(path: Path) -> None:
 
 def _metadata_lines(path: Path) -> list[str]:
     """The lines of a JSONL file, split on ``\n`` only: U+2028 and U+0085 may sit inside a caption."""
-    if not path.is_file():
-        raise DiffattrError(f"{path} is not a file; remove it or replace it with a {METADATA_FILE} file")
     return [line.removesuffix("\r") for line in read_text(path).split("\n")]
 
 
@@ -82,37 +131,68 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def _parse_label(value, *, where: str) -> int | None:
-    if value is None:
+def _parse_label(value, *, where: str) -> int | str | None:
+    if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise DiffattrError(f"{where}: `label` must be an integer class index, got {value!r}")
-    try:
-        return int(value)
-    except ValueError:
-        raise DiffattrError(f"{where}: `label` must be an integer class index, got {value!r}") from None
+        raise DiffattrError(f"{where}: a label must be an integer class index or a class name, got {value!r}")
+    return value
 
 
-def _read_metadata(root: Path) -> dict[str, dict]:
-    """Maps image id → metadata row; every ``file_name`` must name a file inside ``root``."""
-    path = root / METADATA_FILE
-    if not (path.exists() or path.is_symlink()):
-        return {}
-    rows: dict[str, dict] = {}
-    for line_number, line in enumerate(_metadata_lines(path), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_number}"
+def _metadata_rows(path: Path):
+    """``(where, row)`` for each row of a metadata file (JSON lines, CSV or parquet)."""
+    if not path.is_file():
+        raise DiffattrError(f"{path} is not a file; remove it or replace it with a {path.name} file")
+    if path.suffix == ".jsonl":
+        for line_number, line in enumerate(_metadata_lines(path), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DiffattrError(f"{where}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise DiffattrError(f"{where}: JSON nested too deeply to be a metadata row") from None
+            except ValueError as error:  # e.g. an integer of more digits than Python converts
+                raise DiffattrError(f"{where}: not a usable JSON line ({error})") from None
+            yield where, row
+    elif path.suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DiffattrError(f"{where}: not valid JSON ({error.msg})") from None
-        except RecursionError:
-            raise DiffattrError(f"{where}: JSON nested too deeply to be a metadata row") from None
-        except ValueError as error:  # e.g. an integer of more digits than Python converts
-            raise DiffattrError(f"{where}: not a usable JSON line ({error})") from None
+            for row in reader:  # every value a string; an empty cell is no value
+                yield f"{path}:{reader.line_num}", {key: value or None for key, value in row.items() if key is not None}
+        except csv.Error as error:
+            raise DiffattrError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
+    else:
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise DiffattrError(f"{path}: reading parquet needs pyarrow: pip install 'diffattr[hf]'") from None
+        try:
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow's own error types
+            raise DiffattrError(f"{path}: cannot read this parquet file ({error})") from None
+        for number, row in enumerate(rows):
+            yield f"{path}: row {number}", row
+
+
+def _metadata_file(root: Path) -> Path | None:
+    found = [root / name for name in METADATA_FILES if (root / name).exists() or (root / name).is_symlink()]
+    if len(found) > 1:
+        raise DiffattrError(f"data folder {root} holds {' and '.join(p.name for p in found)}: keep one metadata file")
+    return found[0] if found else None
+
+
+def _read_metadata(path: Path, root: Path, columns: Columns) -> tuple[dict[str, dict], list[str]]:
+    """Maps image id → ``{"text", "label"}`` (the label as written), and the columns found;
+    every ``file_name`` must name an image inside ``root``."""
+    rows: dict[str, dict] = {}
+    found: dict[str, None] = {}
+    for where, row in _metadata_rows(path):
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
-            raise DiffattrError(f'{where}: each line needs a string "file_name"')
+            raise DiffattrError(f'{where}: each row needs a string "file_name"')
+        found.update(dict.fromkeys(row))
         try:
             # The id is the path as written (a link keeps its own name, as in the folder scan); the
             # file it leads to must be inside the folder too.
@@ -130,48 +210,150 @@ def _read_metadata(root: Path) -> dict[str, dict]:
             )
         image_id = listed.relative_to(root).as_posix()
         if image_id in rows:
-            raise DiffattrError(f"{where}: {image_id!r} is listed twice in {METADATA_FILE}; keep one line")
-        text = row.get("text")
+            raise DiffattrError(f"{where}: {image_id!r} is listed twice in {path.name}; keep one row")
+        text = row.get(columns.caption_name)
         if text is not None and not isinstance(text, str):
-            raise DiffattrError(f'{where}: "text" must be a string, got {text!r}')
+            raise DiffattrError(f"{where}: caption column {columns.caption_name!r} must hold strings, got {text!r}")
         if text is not None and any(0xD800 <= ord(c) <= 0xDFFF for c in text):
-            raise DiffattrError(f'{where}: "text" holds a lone UTF-16 surrogate (not text); fix the caption')
-        rows[image_id] = {"text": text, "label": _parse_label(row.get("label"), where=where)}
-    return rows
+            raise DiffattrError(f"{where}: the caption holds a lone UTF-16 surrogate (not text); fix the caption")
+        rows[image_id] = {"text": text, "label": _parse_label(row.get(columns.label_name), where=where)}
+    for flag, name in (("--caption-column", columns.caption), ("--label-column", columns.label)):
+        if name is not None and name not in found:
+            raise DiffattrError(f"{flag} {name}: {path} has no such column (it has {', '.join(found)})")
+    return rows, list(found)
 
 
-class ImageFolder:
+def _folder_labels(ids: list[str]) -> list[str] | None:
+    """Each image's sub-folder name, when every image sits in a sub-folder at one depth, else ``None``."""
+    depths = {id_.count("/") for id_ in ids}
+    if len(depths) != 1 or 0 in depths:
+        return None
+    return [id_.rsplit("/", 2)[-2] for id_ in ids]
+
+
+class TrainingImages:
+    """What every training set gives the engine: its records sorted by id, where to read each image
+    (:meth:`source`), a content fingerprint and the settings that shaped its labels and captions.
+
+    Attributes:
+        records: one :class:`ImageRecord` per image, sorted by id.
+        root: the folder (or ``datasets`` folder / parquet file) it was read from; ``None`` for a
+            ``datasets.Dataset`` given as an object.
+        columns: the columns the user named.
+        class_names: the label names, index order, when labels were class names (else ``None``).
+        columns_found: the metadata's columns (named in errors); empty when there is no metadata.
+    """
+
+    records: list[ImageRecord]
+    root: Path | None
+    columns: Columns
+    class_names: list[str] | None = None
+    columns_found: list[str]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> ImageRecord:
+        return self.records[index]
+
+    @property
+    def ids(self) -> list[str]:
+        return [record.id for record in self.records]
+
+    def source(self, record: ImageRecord):
+        """The image of ``record`` as :func:`load_image` reads it: a path, or a file-like object."""
+        return record.path
+
+    def content_digest(self, record: ImageRecord) -> str:
+        return file_digest(record.path)
+
+    def name(self, record: ImageRecord) -> str:
+        """What errors call the image of ``record``."""
+        return str(record.path) if record.path is not None else f"training image {record.id} (row {record.row})"
+
+    def fingerprint(self) -> str:
+        """Content hash of every image and its caption and label, independent of the scan order."""
+        digest = hashlib.sha256()
+        for record in self.records:
+            digest.update(json.dumps([record.id, record.text, record.label]).encode())
+            digest.update(self.content_digest(record).encode())
+        return digest.hexdigest()
+
+    def settings(self) -> dict:
+        """What, beside the content, shaped the records (for the run's ``data`` section): only the
+        columns the user named and the class names, so that a plain folder's settings stay ``{}``."""
+        settings = {}
+        if self.columns.to_dict():
+            settings["columns"] = self.columns.to_dict()
+        if self.class_names is not None:
+            settings["class_names"] = self.class_names
+        return settings
+
+    def class_index(self, label: int | str | None) -> int | None:
+        """A query's ``--label``: an integer, or one of this set's class names."""
+        if label is None or isinstance(label, int):
+            return label
+        if label.strip().lstrip("-").isdecimal():
+            return int(label)
+        if self.class_names is None or label not in self.class_names:
+            known = f"one of {', '.join(self.class_names)}" if self.class_names else "an integer"
+            raise DiffattrError(f"--label {label!r}: not a class of the training set (give {known})")
+        return self.class_names.index(label)
+
+
+class ImageFolder(TrainingImages):
     """The images of a folder, sorted by id, with their captions and labels.
 
     Args:
         root: the folder. Hidden files and folders (names starting with ``.``) are skipped;
             symbolic links that lead outside the folder are refused.
+        columns: the metadata's caption and label columns, when not ``text`` and ``label``.
 
     Raises:
-        DiffattrError: the folder is missing or holds no image, or ``metadata.jsonl`` is invalid.
+        DiffattrError: the folder is missing or holds no image, its metadata is invalid, or a
+            column named in ``columns`` is not in it.
     """
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, columns: Columns | None = None):
         self.root = Path(root).expanduser().resolve()
+        self.columns = columns or Columns()
         if not self.root.is_dir():
             raise DiffattrError(f"data folder {root} does not exist or is not a folder")
-        metadata = _read_metadata(self.root)
-        records = []
-        for path in self._image_paths():
-            image_id = path.relative_to(self.root).as_posix()
-            row = metadata.get(image_id, {})
-            records.append(ImageRecord(image_id, path, row.get("text"), row.get("label")))
-        if not records:
+        if self.columns.image not in (None, "image"):  # the column `datasets` makes of a folder
+            raise DiffattrError(
+                f"--image-column {self.columns.image}: a data folder's metadata names its images in file_name; "
+                "--image-column is for a datasets folder or a parquet file"
+            )
+        metadata_file = _metadata_file(self.root)
+        metadata, self.columns_found = {}, []
+        if metadata_file is not None:
+            metadata, self.columns_found = _read_metadata(metadata_file, self.root, self.columns)
+        elif self.columns.caption or self.columns.label:
+            raise DiffattrError(
+                f"--caption-column/--label-column given, but {self.root} has no metadata file "
+                f"({', '.join(METADATA_FILES)})"
+            )
+        paths = sorted(self._image_paths(), key=lambda path: path.relative_to(self.root).as_posix())
+        if not paths:
             raise DiffattrError(
                 f"data folder {self.root} holds no image (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        unused = sorted(set(metadata) - {record.id for record in records})
+        ids = [path.relative_to(self.root).as_posix() for path in paths]
+        unused = sorted(set(metadata) - set(ids))
         if unused:  # its caption or label would be dropped without a word
             raise DiffattrError(
-                f"{self.root / METADATA_FILE} lists {unused[0]!r}, which the folder scan skips (a hidden file or "
-                "folder, or one reached through a linked folder): move the image or remove its line"
+                f"{metadata_file} lists {unused[0]!r}, which the folder scan skips (a hidden file or "
+                "folder, or one reached through a linked folder): move the image or remove its row"
             )
-        self.records: list[ImageRecord] = sorted(records, key=lambda record: record.id)
+        rows = [metadata.get(image_id, {}) for image_id in ids]
+        labels = [row.get("label") for row in rows]
+        if all(label is None for label in labels) and self.columns.label is None:
+            labels = _folder_labels(ids) or labels  # class sub-folders
+        indices, self.class_names = class_indices(labels, where=str(metadata_file or self.root))
+        self.records = [
+            ImageRecord(image_id, path, row.get("text"), label)
+            for image_id, path, row, label in zip(ids, paths, rows, indices)
+        ]
 
     def _image_paths(self):
         for directory, subdirectories, files in os.walk(self.root):
@@ -201,23 +383,31 @@ class ImageFolder:
                     )
                 yield path
 
-    def __len__(self) -> int:
-        return len(self.records)
 
-    def __getitem__(self, index: int) -> ImageRecord:
-        return self.records[index]
+def is_dataset_table(path: Path) -> bool:
+    """Whether ``path`` is a ``datasets`` table rather than an image folder: a parquet file, or a
+    folder written by ``save_to_disk`` (a Dataset's ``state.json``, a DatasetDict's ``dataset_dict.json``)."""
+    if path.is_file():
+        return path.suffix.lower() == ".parquet"
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
-    @property
-    def ids(self) -> list[str]:
-        return [record.id for record in self.records]
 
-    def fingerprint(self) -> str:
-        """Content hash of every image file and its metadata, independent of the scan order."""
-        digest = hashlib.sha256()
-        for record in self.records:
-            digest.update(json.dumps([record.id, record.text, record.label]).encode())
-            digest.update(file_digest(record.path).encode())
-        return digest.hexdigest()
+def open_training_images(train, columns: Columns | None = None) -> TrainingImages:
+    """A training set from what the user gave: itself, a ``datasets.Dataset``, a ``save_to_disk``
+    folder or parquet file, or an image folder."""
+    if isinstance(train, TrainingImages):
+        return train
+    if not isinstance(train, (str, os.PathLike)):
+        from .hf_datasets import DatasetImages
+
+        return DatasetImages(train, columns)
+    path = Path(train).expanduser()
+    if is_dataset_table(path):
+        from .hf_datasets import DatasetImages, load_table
+
+        root = path.resolve()
+        return DatasetImages(load_table(root), columns, root=root)
+    return ImageFolder(path, columns)
 
 
 def file_digest(path: Path) -> str:
@@ -230,15 +420,16 @@ def file_digest(path: Path) -> str:
 
 
 def load_image(
-    path: str | os.PathLike, *, resolution: int, channels: int, max_pixels: int = MAX_IMAGE_PIXELS
+    path, *, resolution: int, channels: int, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None
 ) -> torch.Tensor:
     """Reads an image file as the model sees it.
 
     Args:
-        path: an image file.
+        path: an image file, or a file-like object holding one (an image of a ``datasets`` table).
         resolution: side of the square the model works at.
         channels: 1, 3 or 4.
         max_pixels: the largest width × height accepted (checked before decoding).
+        name: what errors call the image (default: ``path``).
 
     Returns:
         Tensor of shape ``(channels, resolution, resolution)``, float32 in ``[-1, 1]``.
@@ -248,28 +439,29 @@ def load_image(
     """
     if channels not in _MODES:
         raise DiffattrError(f"models with {channels} image channels are not supported (1, 3 or 4)")
-    if Path(path).exists() and not Path(path).is_file():  # a FIFO would block forever
-        raise DiffattrError(f"{path} is not a regular file; give an image file")
+    where = name or path
+    if isinstance(path, (str, os.PathLike)) and Path(path).exists() and not Path(path).is_file():
+        raise DiffattrError(f"{path} is not a regular file; give an image file")  # a FIFO would block forever
     try:
         image = _open_unlimited(path)
         with image:
             if image.width * image.height > max_pixels:
                 raise _TooLarge(
-                    f"{path}: {image.width}×{image.height} pixels is more than the {max_pixels:,} accepted; "
+                    f"{where}: {image.width}×{image.height} pixels is more than the {max_pixels:,} accepted; "
                     "downscale it, or raise --max-image-pixels"
                 )
             if max(image.size) > 64 * min(image.size):  # resized, its long side would take gigabytes
                 raise _TooLarge(
-                    f"{path}: {image.width}×{image.height} pixels is too elongated (more than 64:1); crop it"
+                    f"{where}: {image.width}×{image.height} pixels is too elongated (more than 64:1); crop it"
                 )
             image.load()
             bands = _bands(image, channels)
     except _TooLarge as error:
         raise DiffattrError(str(error)) from None
     except FileNotFoundError:
-        raise DiffattrError(f"{path}: file not found") from None
+        raise DiffattrError(f"{where}: file not found") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
-        raise DiffattrError(f"{path}: cannot read this image ({error}); replace or remove the file") from None
+        raise DiffattrError(f"{where}: cannot read this image ({error}); replace or remove the file") from None
     width, height = bands.size
     if (width, height) != (resolution, resolution):
         scale = resolution / min(width, height)
@@ -316,10 +508,30 @@ def _bands(image: Image.Image, channels: int) -> Image.Image:
     return image.convert(_MODES[channels])
 
 
-def save_image(tensor: torch.Tensor, path: str | os.PathLike) -> None:
-    """Writes a ``(C, H, W)`` tensor in ``[-1, 1]`` as an 8-bit image (atomically)."""
+def to_pil(tensor: torch.Tensor) -> Image.Image:
+    """A ``(C, H, W)`` tensor in ``[-1, 1]`` as an 8-bit image (C = 1, 3 or 4)."""
+    if tensor.ndim != 3 or tensor.shape[0] not in _MODES:
+        shape = tuple(tensor.shape)
+        raise DiffattrError(f"an image tensor must be (C, H, W) with C = 1, 3 or 4 in [-1, 1], got {shape}")
     array = tensor.detach().float().cpu().clamp(-1, 1).add(1).mul(127.5).round().byte()
     array = array.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def png_bytes(image) -> bytes:
+    """A PIL image, or a ``(C, H, W)`` tensor in ``[-1, 1]``, encoded as PNG (8-bit: a tensor is rounded)."""
+    if isinstance(image, torch.Tensor):
+        image = to_pil(image)
+    if not isinstance(image, Image.Image):
+        kind = type(image).__name__
+        raise DiffattrError(f"a query must be an image path, a PIL image or a (C, H, W) tensor, got {kind}")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_image(tensor: torch.Tensor, path: str | os.PathLike) -> None:
+    """Writes a ``(C, H, W)`` tensor in ``[-1, 1]`` as an 8-bit image (atomically)."""
+    image = to_pil(tensor)
     image_format = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
     atomic_write(Path(path), lambda temporary: image.save(temporary, format=image_format))

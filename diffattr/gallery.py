@@ -22,7 +22,8 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .data import ImageFolder, file_digest, load_image
+from .data import Columns, TrainingImages, file_digest, is_dataset_table, load_image, open_training_images
 from .errors import DiffattrError
 from .files import atomic_write
 from .store import AUDIT_REPORT_FILE, CONFIG_FILE, RunDirectory, ids_digest
@@ -214,8 +215,8 @@ class Thumbnails:
         self._made: dict[tuple[Path, int], Thumb | None] = {}
         self.written = 0
 
-    def __call__(self, path: Path | None, box: int = THUMB_PX) -> Thumb | None:
-        """The thumbnail of ``path`` (``None`` when the file is missing or unreadable)."""
+    def __call__(self, path: Path | TableImage | None, box: int = THUMB_PX) -> Thumb | None:
+        """The thumbnail of a file or table image (``None`` when it is missing or unreadable)."""
         if path is None:
             return None
         key = (path, box)
@@ -223,16 +224,20 @@ class Thumbnails:
             self._made[key] = self._make(path, box)
         return self._made[key]
 
-    def _make(self, path: Path, box: int) -> Thumb | None:
-        if not path.is_file():
+    def _make(self, path: Path | TableImage, box: int) -> Thumb | None:
+        if isinstance(path, TableImage):
+            digest, opened = path.digest, path.open
+        elif path.is_file():
+            digest, opened = file_digest(path), lambda: path
+        else:
             return None
-        name = f"{file_digest(path)}-{box}.png"
+        name = f"{digest}-{box}.png"
         target = self.folder / name
         try:
             if target.is_file():
                 with Image.open(target) as existing:
                     return Thumb(f"img/{name}", *existing.size)
-            with Image.open(path) as image:
+            with Image.open(opened()) as image:
                 image.load()
                 thumbnail = _thumbnail(image, box)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
@@ -240,6 +245,14 @@ class Thumbnails:
         atomic_write(target, lambda temporary: thumbnail.save(temporary, format="PNG"))
         self.written += 1
         return Thumb(f"img/{name}", *thumbnail.size)
+
+
+@dataclass(frozen=True)
+class TableImage:
+    """A training image held in a ``datasets`` table: known by its content digest, opened from its bytes."""
+
+    digest: str
+    open: Callable = field(compare=False, hash=False)  # → a file-like object
 
 
 def _thumbnail(image: Image.Image, box: int) -> Image.Image:
@@ -267,29 +280,30 @@ class _Run:
     ids: list[str] | None
     timesteps: torch.Tensor | None
     train_root: Path | None
-    train: ImageFolder | None = None  # the training folder, when already read (its fingerprint checked)
-    _metadata: dict[str, dict] | None = None
+    train: TrainingImages | None = None  # the training images, when found (their fingerprint checked)
+    _table_rows: dict | None = None  # a datasets table's records by id, made on first use
 
     def metadata(self) -> dict[str, dict]:
-        """Captions and labels of the training images (``metadata.jsonl``), read once."""
-        if self._metadata is None:
-            self._metadata = {}
-            if self.train_root is not None:
-                try:
-                    records = (self.train or ImageFolder(self.train_root)).records
-                except DiffattrError:
-                    records = []
-                self._metadata = {r.id: {"text": r.text, "label": r.label} for r in records}
-        return self._metadata
+        """Captions and labels of the training images, by id (empty when they are unknown)."""
+        return {} if self.train is None else {r.id: {"text": r.text, "label": r.label} for r in self.train.records}
 
-    def train_path(self, image_id: str, *, source: Path) -> Path | None:
-        """The file of a training id, ``None`` when the training folder is unknown."""
+    def train_path(self, image_id: str, *, source: Path) -> Path | TableImage | None:
+        """The image of a training id: its file, or its table row; ``None`` when the training set is unknown."""
         if self.train_root is None:
             return None
+        if self.train is not None and self.train.records[0].path is None:  # a datasets table
+            if self._table_rows is None:
+                self._table_rows = {record.id: record for record in self.train.records}
+            record = self._table_rows.get(image_id)
+            if record is None:
+                return None
+            return TableImage(self.train.content_digest(record), lambda: self.train.source(record))
         return _resolve_inside(self.train_root, image_id, what="training id", source=source)
 
 
-def _open_run(run_dir: Path, train: Path | None) -> _Run:
+def open_run(run_dir: Path, train: Path | None) -> _Run:
+    """A finished run directory, read for reporting (the gallery, ``diffattr export``): its settings,
+    ids and grid, checked, and its training images when they can be found (fingerprint checked)."""
     if not run_dir.exists():
         raise DiffattrError(f"--run-dir {run_dir}: no such folder")
     if not run_dir.is_dir():
@@ -308,28 +322,42 @@ def _open_run(run_dir: Path, train: Path | None) -> _Run:
         )
     if train is not None:
         train_root = Path(train).expanduser().resolve()
-        if not train_root.is_dir():
-            raise DiffattrError(f"--train {train}: no such folder")
+        if not (train_root.is_dir() or is_dataset_table(train_root)):
+            raise DiffattrError(f"--train {train}: no such folder, datasets folder or parquet file")
     else:
         root = data.get("root")
-        train_root = Path(root).resolve() if isinstance(root, str) and Path(root).is_dir() else None
-    folder = _checked_training_folder(train_root, data["fingerprint"]) if train_root and "fingerprint" in data else None
-    return _Run(store, config, ids, timesteps, train_root, folder)
+        train_root = Path(root).resolve() if isinstance(root, str) and Path(root).exists() else None
+    images = None
+    if train_root is not None:
+        images = _checked_training_images(train_root, data.get("fingerprint"), _columns(data))
+    return _Run(store, config, ids, timesteps, train_root, images)
 
 
-def _checked_training_folder(root: Path, fingerprint: str) -> ImageFolder:
-    """The training folder, refused when its images or captions changed since the run: its
-    thumbnails and captions would sit beside scores computed on other images."""
-    folder = ImageFolder(root)
-    if folder.fingerprint() != fingerprint:
+def _columns(data: dict) -> Columns:
+    """The columns the run was made with (recorded in its data section)."""
+    named = data.get("columns") if isinstance(data.get("columns"), dict) else {}
+    return Columns(**{key: named[key] for key in ("image", "caption", "label") if isinstance(named.get(key), str)})
+
+
+def _checked_training_images(root: Path, fingerprint: str | None, columns: Columns) -> TrainingImages | None:
+    """The training images, refused when they or their captions changed since the run: their
+    thumbnails and captions would sit beside scores computed on other images. Without a
+    ``fingerprint`` (a run directory not written by diffattr) they are read unchecked, if they can be."""
+    if fingerprint is None:
+        try:
+            return open_training_images(root, columns)
+        except DiffattrError:
+            return None
+    images = open_training_images(root, columns)
+    if images.fingerprint() != fingerprint:
         raise DiffattrError(
-            f"training folder {root} has changed since the run (its images or captions differ from config.json's "
+            f"training data {root} has changed since the run (its images or captions differ from config.json's "
             "data fingerprint): pass the original folder with --train, or rerun `diffattr attribute`"
         )
-    return folder
+    return images
 
 
-def _top_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> list[dict]:
+def ranked_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> list[dict]:
     """The top-k of one query (default: as many as ``result.json`` lists), ranked from the stamped
     ``scores`` whenever the folder has them, so that the page cannot disagree with the numbers;
     ``result.json``'s list alone only for a folder without scores."""
@@ -368,21 +396,24 @@ class _ClipSimilarity:
         self.clip = clip
         self._embeddings: dict[Path, torch.Tensor | None] = {}
 
-    def _load(self, path: Path) -> torch.Tensor | None:
+    def _load(self, path: Path | TableImage) -> torch.Tensor | None:
+        if isinstance(path, Path) and not path.is_file():
+            return None
         try:
-            return load_image(path, resolution=self.clip.image_size[0], channels=3)
+            source = path.open() if isinstance(path, TableImage) else path
+            return load_image(source, resolution=self.clip.image_size[0], channels=3)
         except DiffattrError:
             return None
 
-    def _embed(self, paths: list[Path]) -> None:
+    def _embed(self, paths: list[Path | TableImage]) -> None:
         missing = [p for p in dict.fromkeys(paths) if p not in self._embeddings]
-        pixels = {p: self._load(p) for p in missing if p.is_file()}
+        pixels = {p: self._load(p) for p in missing}
         loaded = [p for p in missing if pixels.get(p) is not None]
         vectors = self.clip.embed(torch.stack([pixels[p] for p in loaded])) if loaded else []
         self._embeddings.update(dict.fromkeys(missing))
         self._embeddings.update(zip(loaded, vectors))
 
-    def similarities(self, query: Path, train: list[Path | None]) -> list[float | None]:
+    def similarities(self, query: Path, train: list[Path | TableImage | None]) -> list[float | None]:
         """Cosine similarity of ``query`` to each ``train`` image; ``None`` where a file is missing."""
         self._embed([query, *(p for p in train if p is not None)])
         vectors = self._embeddings
@@ -424,7 +455,7 @@ def _query_page(run: _Run, folder: Path, thumbs: Thumbnails, clip: _ClipSimilari
     result, scores = run.store.load_result(folder, None if run.ids is None else len(run.ids))
     source = run.store.result_file(folder)  # named in errors
     query_id = str(result.get("query_id") or folder.name)
-    entries = _top_entries(run, result, scores, top_k)
+    entries = ranked_entries(run, result, scores, top_k)
     paths = [run.train_path(e["id"], source=source) if isinstance(e.get("id"), str) else None for e in entries]
     query_image = run.store.query_image(folder)
     if query_image.is_symlink() or not query_image.resolve().is_relative_to(run.store.path.resolve()):
@@ -571,7 +602,7 @@ def write_gallery(
     run_dir = Path(run_dir).expanduser()
     if top_k is not None and top_k < 1:
         raise DiffattrError(f"--top-k {top_k}: must be at least 1")
-    run = _open_run(run_dir, None if train is None else Path(train))
+    run = open_run(run_dir, None if train is None else Path(train))
     out = Path(out).expanduser() if out is not None else run_dir / "gallery"
     if out.exists() and not out.is_dir():
         raise DiffattrError(f"--out {out} exists and is not a folder")

@@ -231,3 +231,52 @@ def load_model(
         if isinstance(component, torch.nn.Module):
             component.to(device)
     return model
+
+
+def load_pipeline(pipeline, *, device: str | torch.device | None = None) -> Denoiser:
+    """A loaded diffusers pipeline (e.g. ``StableDiffusionPipeline.from_pretrained(dir)``) as a Denoiser.
+
+    Its modules are used as they are (put in eval mode, gradients off; moved only when ``device``
+    is given); its fingerprint hashes every weight and config, so a run directory still knows
+    which weights its numbers came from.
+
+    Raises:
+        DiffattrError: the pipeline's denoiser is not a supported network, or a component the
+            family needs is missing.
+    """
+    parts = dict(getattr(pipeline, "components", {}) or {})
+    network, scheduler = parts.get("unet"), parts.get("scheduler")
+    family = family_of(type(network).__name__) if network is not None else None
+    if family is None:
+        names = ", ".join(f"{name}: {type(part).__name__}" for name, part in parts.items() if part is not None)
+        raise DiffattrError(
+            f"{type(pipeline).__name__} ({names or 'no components'}): diffattr supports pipelines whose unet is "
+            f"one of {', '.join(sorted(cls.network_class for cls in DENOISERS.values()))}"
+        )
+    missing = [name for name in family.components if parts.get(name) is None]
+    if missing or not isinstance(scheduler, diffusers.SchedulerMixin):
+        raise DiffattrError(f"{type(pipeline).__name__}: needs {', '.join(missing or ['a scheduler'])} for its unet")
+    components = {name: parts[name] for name in family.components}
+    digest = hashlib.sha256()
+    for name, part in [("unet", network), *components.items()]:
+        digest.update(name.encode())
+        if isinstance(part, torch.nn.Module):
+            for key, tensor in sorted(part.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        if hasattr(part, "get_vocab"):  # a tokenizer
+            digest.update(json.dumps(part.get_vocab(), sort_keys=True).encode())
+        config = getattr(part, "config", None)
+        if config is not None:  # diffusers' FrozenDict, or a transformers PretrainedConfig
+            values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+    digest.update(json.dumps(dict(scheduler.config), sort_keys=True, default=str).encode())
+    source = f"{type(pipeline).__name__} object" + (
+        f" ({pipeline.name_or_path})" if getattr(pipeline, "name_or_path", None) else ""
+    )
+    for part in (network, *components.values()):
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False).eval()
+            if device is not None:
+                part.to(resolve_device(device))
+    return family(network, scheduler, source=source, fingerprint=digest.hexdigest(), **components)

@@ -14,6 +14,7 @@
 <run-dir>/queries/<query-id>/result.json       query, top-k, config, timings
 <run-dir>/queries/<query-id>/scores.safetensors "scores" (N,), "deltas" (N, K), "after" (N, K)
 <run-dir>/queries/<query-id>/query.png          the query as the model saw it
+<run-dir>/inputs/<hash>.png         query images given as objects (PIL images, tensors), as 8-bit PNGs
 <run-dir>/audit/                    the memorization audit (see audit.py)
 ```
 :class:`RunDirectory` is the only code that knows this layout; everything else asks it. A second
@@ -57,6 +58,7 @@ FISHER_PREFIX = "fisher"
 RESULT_FILE = "result.json"
 SCORES_FILE = "scores.safetensors"
 QUERY_IMAGE_FILE = "query.png"
+INPUTS_DIR = "inputs"
 # The memorization audit (audit.py): a folder of the run directory, and its files relative to it.
 AUDIT_DIR = "audit"
 AUDIT_CONFIG_FILE = "config.json"
@@ -503,6 +505,13 @@ class RunDirectory:
     def _result_stamp(self, record: dict) -> str:
         """A Forward-INF result depends on the attribution settings too; a baseline's does not."""
         return self.stamp_of(with_attribution=record.get("method") == "forward-inf")
+
+    def save_input(self, png: bytes) -> Path:
+        """Keeps a query given as an object as a PNG file named by its content (once per content)."""
+        path = self.path / INPUTS_DIR / f"image-{hashlib.sha256(png).hexdigest()[:16]}.png"
+        if not present(path):
+            atomic_write(path, lambda temporary: Path(temporary).write_bytes(png))
+        return path
 
     def query_folders(self) -> list[Path]:
         """The folders of every finished query, sorted by name."""

@@ -87,8 +87,8 @@ def test_bad_metadata_lines_name_the_line(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png"}\n{oops\n')
     with pytest.raises(DiffattrError, match=r"metadata.jsonl:2: not valid JSON"):
         ImageFolder(tmp_path)
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png", "label": "cat"}\n')
-    with pytest.raises(DiffattrError, match="`label` must be an integer"):
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png", "label": 1.5}\n')
+    with pytest.raises(DiffattrError, match="a label must be an integer class index or a class name"):
         ImageFolder(tmp_path)
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "x.png"}\n{"file_name": "./x.png"}\n')
     with pytest.raises(DiffattrError, match="metadata.jsonl:2: 'x.png' is listed twice"):

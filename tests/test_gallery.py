@@ -251,7 +251,9 @@ def test_one_query(tmp_path):
     out = write_gallery(tmp_path / "run", tmp_path / "site", progress=False).parent
     page = _query_page(out, query_id)
     assert len(page.attr("img", "src")) == 1 + 3 and "sample0.png" in page.text
-    assert "label" not in page.text.split("Top 3")[1]  # no label, no empty label tag
+    # no label in metadata.jsonl: the class sub-folders' (a → 0, b → 1)
+    ranked = page.text.split("Top 3")[1]
+    assert "image 0 label 0" in ranked and "image 1 label 1" in ranked and "image 2 label 0" in ranked
     links = Page(out / "index.html").attr("a", "href")
     assert [a for a in links if a.startswith("query-")] == [f"query-{query_id}.html"]
     # more than result.json lists: taken from scores.safetensors, captions from metadata.jsonl
