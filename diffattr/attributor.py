@@ -218,6 +218,10 @@ class Attributor:
         if model.is_text_conditioned and not allow_empty_captions:
             _require_captions(self.data)
         self.run = RunDirectory(run_dir)
+        root = self.data.root
+        if root is not None and root.is_dir() and self.run.path.resolve().is_relative_to(root):
+            # its query images would join the training set, and every later run would be refused
+            raise DiffattrError(f"--run-dir {run_dir} is inside the training folder {root}: put it elsewhere")
         self.scoring = scoring or ScoringConfig()
         self.attribution = attribution or AttributionConfig()
         self.gradient = gradient or GradientConfig()

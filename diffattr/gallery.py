@@ -606,6 +606,8 @@ def write_gallery(
     out = Path(out).expanduser() if out is not None else run_dir / "gallery"
     if out.exists() and not out.is_dir():
         raise DiffattrError(f"--out {out} exists and is not a folder")
+    if run.train_root is not None and run.train_root.is_dir() and out.resolve().is_relative_to(run.train_root):
+        raise DiffattrError(f"--out {out} is inside the training folder {run.train_root}: its thumbnails would join it")
     thumbs = Thumbnails(out)
     similarity = _ClipSimilarity(clip) if clip is not None else None
     environment = _environment()

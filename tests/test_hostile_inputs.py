@@ -696,3 +696,14 @@ def test_last_probe_metadata_naming_an_image_the_scan_skips_is_refused(data):
     (data / "metadata.jsonl").write_text(json.dumps({"file_name": "a/.hidden.png", "text": "lost"}) + "\n")
     with pytest.raises(DiffattrError, match="which the folder scan skips"):
         ImageFolder(data)
+
+
+def test_final_probe_a_run_or_gallery_inside_the_training_folder_is_refused(capsys, tmp_path, tiny_model, data):
+    query = data / "a" / "img_000.png"
+    args = common(tiny_model, data, data / "run", *PERTURB, "--query", query)
+    one_line_error(capsys, "attribute", *args, match="is inside the training folder")
+    assert not (data / "run").exists()
+    run = tmp_path / "run"
+    assert cli(capsys, "attribute", *common(tiny_model, data, run, *PERTURB, "--query", query))[0] == 0
+    one_line_error(capsys, "gallery", "--run-dir", run, "--out", data / "site", "--quiet", match="inside the training")
+    assert not (data / "site").exists()
