@@ -300,7 +300,14 @@ class _Audit:
         path = self.file(AUDIT_SAMPLES_FILE)
         if present(path):
             expected = {"samples": Expected((None, *self.model.sample_shape)), "seeds": Expected((None,), False)}
-            done = self.store.load_tensors(path, expected)["samples"]
+            saved = self.store.load_tensors(path, expected)
+            done = saved["samples"]
+            if saved["seeds"].tolist() != seeds[: len(done)] or len(saved["seeds"]) != len(done):
+                # samples of other seeds would be judged (and reported) as these seeds'
+                raise DiffattrError(
+                    f"{path} holds the samples of seeds {saved['seeds'].tolist()[:4]}…, not of --sample-seed "
+                    f"{self.config.sample_seed} with --samples {self.config.samples}; delete it to recompute"
+                )
         else:
             done = torch.zeros(0, *self.model.sample_shape)
         chunks = [done]

@@ -707,3 +707,16 @@ def test_final_probe_a_run_or_gallery_inside_the_training_folder_is_refused(caps
     assert cli(capsys, "attribute", *common(tiny_model, data, run, *PERTURB, "--query", query))[0] == 0
     one_line_error(capsys, "gallery", "--run-dir", run, "--out", data / "site", "--quiet", match="inside the training")
     assert not (data / "site").exists()
+
+
+def test_final_probe_samples_of_other_seeds_are_refused(capsys, tmp_path, tiny_model, tiny_data):
+    audit = ["--samples", "2", "--sampling-steps", "3", "--alpha", "100", *PERTURB]
+    runs = {seed: tmp_path / f"seed{seed}" for seed in ("0", "5")}
+    for seed, run in runs.items():
+        code, err = cli(capsys, "audit", *common(tiny_model, tiny_data, run, *audit, "--sample-seed", seed))
+        assert code == 0, err
+    for name in ("report.json", "replicas.json"):
+        (runs["5"] / "audit" / name).unlink(missing_ok=True)
+    shutil.copy(runs["0"] / "audit" / "samples.safetensors", runs["5"] / "audit" / "samples.safetensors")
+    args = common(tiny_model, tiny_data, runs["5"], *audit, "--sample-seed", "5")
+    one_line_error(capsys, "audit", *args, match="samples.safetensors holds the samples of seeds [0, 1]")
