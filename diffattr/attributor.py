@@ -28,7 +28,16 @@ from .audit import AuditInputs, AuditReport, run_audit
 from .baselines import SCORERS, Scorer, ScorerContext, method_names
 from .candidates import DUPLICATE_RADIUS, candidate_rows
 from .config import MAX_IMAGE_PIXELS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
-from .data import Columns, TrainingImages, file_digest, load_image, open_training_images, png_bytes, read_text
+from .data import (
+    Columns,
+    ImageRecord,
+    TrainingImages,
+    file_digest,
+    load_image,
+    open_training_images,
+    png_bytes,
+    read_text,
+)
 from .denoisers import Denoiser
 from .engine import Engine, Response, TrainingSet
 from .errors import DiffattrError
@@ -336,7 +345,7 @@ class Attributor:
         with bar, torch.inference_mode():
             for first in range(0, len(records), batch_size):
                 batch = records[first : first + batch_size]
-                pixels = torch.stack([self.load_image(self.data.source(r), name=self.data.name(r)) for r in batch])
+                pixels = torch.stack([self.load_record(self.data, r) for r in batch])
                 chunks.append(self.model.encode(pixels.to(self.model.device)).cpu())
                 condition = self.model.conditions(
                     [r.id for r in batch], labels=[r.label for r in batch], prompts=[r.text for r in batch]
@@ -352,7 +361,11 @@ class Attributor:
     def training_images(self) -> torch.Tensor:
         """``(N, C, H, W)`` training images in ``[-1, 1]``, as the model sees them (pixel baselines)."""
         records = tqdm(self.data.records, disable=not self.progress, desc="images")
-        return torch.stack([self.load_image(self.data.source(r), name=self.data.name(r)) for r in records])
+        return torch.stack([self.load_record(self.data, r) for r in records])
+
+    def load_record(self, data: TrainingImages, record: ImageRecord) -> torch.Tensor:
+        """A training (or held-out) image of ``data`` as the model sees it."""
+        return self.load_image(data.source(record), name=data.name(record))
 
     def load_image(self, path, *, name: str | None = None) -> torch.Tensor:
         """An image (a path or a file-like object) as the model sees it: ``(C, H, W)`` in ``[-1, 1]``

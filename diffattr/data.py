@@ -87,6 +87,11 @@ class Columns:
         return {key: value for key, value in vars(self).items() if value is not None}
 
 
+def _integer_text(label: str) -> bool:
+    """Whether a label written as text is an integer (``"3"``, ``"-1"``), not a class name."""
+    return label.strip().lstrip("-").isdecimal()
+
+
 def class_indices(labels: list, *, where: str) -> tuple[list[int | None], list[str] | None]:
     """Integer labels as they are; class names mapped to their index in sorted order.
 
@@ -98,7 +103,7 @@ def class_indices(labels: list, *, where: str) -> tuple[list[int | None], list[s
         return list(labels), None
     if not all(isinstance(label, str) for label in given):
         raise DiffattrError(f"{where}: labels mix integers and class names; use one or the other")
-    if all(label.strip().lstrip("-").isdecimal() for label in given):  # a CSV's integers
+    if all(_integer_text(label) for label in given):  # a CSV's integers
         return [None if label is None else int(label) for label in labels], None
     names = sorted(set(given))
     index = {name: i for i, name in enumerate(names)}
@@ -293,7 +298,7 @@ class TrainingImages:
         """A query's ``--label``: an integer, or one of this set's class names."""
         if label is None or isinstance(label, int):
             return label
-        if label.strip().lstrip("-").isdecimal():
+        if _integer_text(label):
             return int(label)
         if self.class_names is None or label not in self.class_names:
             known = f"one of {', '.join(self.class_names)}" if self.class_names else "an integer"

@@ -32,7 +32,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .data import Columns, TrainingImages, file_digest, is_dataset_table, load_image, open_training_images
+from .data import Columns, ImageRecord, TrainingImages, file_digest, is_dataset_table, load_image, open_training_images
 from .errors import DiffattrError
 from .files import atomic_write
 from .store import AUDIT_REPORT_FILE, CONFIG_FILE, RunDirectory, ids_digest
@@ -281,20 +281,20 @@ class _Run:
     timesteps: torch.Tensor | None
     train_root: Path | None
     train: TrainingImages | None = None  # the training images, when found (their fingerprint checked)
-    _table_rows: dict | None = None  # a datasets table's records by id, made on first use
+    _by_id: dict[str, ImageRecord] | None = None  # made on first use, once for every page
 
-    def metadata(self) -> dict[str, dict]:
-        """Captions and labels of the training images, by id (empty when they are unknown)."""
-        return {} if self.train is None else {r.id: {"text": r.text, "label": r.label} for r in self.train.records}
+    def records(self) -> dict[str, ImageRecord]:
+        """The training images (captions, labels, where to read them) by id; empty when they are unknown."""
+        if self._by_id is None:
+            self._by_id = {} if self.train is None else {record.id: record for record in self.train.records}
+        return self._by_id
 
     def train_path(self, image_id: str, *, source: Path) -> Path | TableImage | None:
         """The image of a training id: its file, or its table row; ``None`` when the training set is unknown."""
         if self.train_root is None:
             return None
         if self.train is not None and self.train.records[0].path is None:  # a datasets table
-            if self._table_rows is None:
-                self._table_rows = {record.id: record for record in self.train.records}
-            record = self._table_rows.get(image_id)
+            record = self.records().get(image_id)
             if record is None:
                 return None
             return TableImage(self.train.content_digest(record), lambda: self.train.source(record))
@@ -369,11 +369,12 @@ def ranked_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> 
     order = torch.sort(values, descending=True, stable=True).indices[: len(top) if top_k is None else top_k]
     order = order[torch.isfinite(values[order])].tolist()  # not the images a --candidates query left out
     known = {entry.get("id"): entry for entry in top}
-    metadata = run.metadata()  # the fingerprinted training folder's captions, when it is known
+    records = run.records()  # the fingerprinted training set's captions, when it is known
     ranked = []
     for rank, row in enumerate(order, start=1):
         image_id = run.ids[row]
-        caption = metadata.get(image_id) or known.get(image_id) or {}
+        record = records.get(image_id)
+        caption = {"text": record.text, "label": record.label} if record else known.get(image_id, {})
         ranked.append(
             {
                 "rank": rank,

@@ -263,7 +263,7 @@ def load_pipeline(pipeline, *, device: str | torch.device | None = None) -> Deno
         if isinstance(part, torch.nn.Module):
             for key, tensor in sorted(part.state_dict().items()):
                 digest.update(key.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
         if hasattr(part, "get_vocab"):  # a tokenizer
             digest.update(json.dumps(part.get_vocab(), sort_keys=True).encode())
         config = getattr(part, "config", None)
@@ -274,9 +274,10 @@ def load_pipeline(pipeline, *, device: str | torch.device | None = None) -> Deno
     source = f"{type(pipeline).__name__} object" + (
         f" ({pipeline.name_or_path})" if getattr(pipeline, "name_or_path", None) else ""
     )
+    target = None if device is None else resolve_device(device)
     for part in (network, *components.values()):
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False).eval()
-            if device is not None:
-                part.to(resolve_device(device))
+            if target is not None:
+                part.to(target)
     return family(network, scheduler, source=source, fingerprint=digest.hexdigest(), **components)

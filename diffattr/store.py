@@ -142,15 +142,8 @@ def read_tensors(
         DiffattrError: naming the file: unreadable or truncated, written under another stamp, a key
             missing, or a tensor of another shape or dtype, or holding NaN or infinite values.
     """
-    try:
-        with safe_open(path, framework="pt") as handle:
-            if stamp is not None:
-                _check_stamp(path, (handle.metadata() or {}).get(STAMP_KEY), stamp)
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except DiffattrError:
-        raise
-    except Exception as error:  # safetensors raises its own types for truncated or foreign files
-        raise DiffattrError(f"{path}: cannot read this safetensors file ({error}); delete it to recompute") from None
+    with _opened(path, stamp) as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     for key, wanted in (expected or {}).items():
         if key not in tensors:
             raise DiffattrError(f"{path}: no tensor {key!r} (holds {sorted(tensors)}); delete it to recompute")
@@ -164,10 +157,19 @@ def read_header(path: Path, stamp: str) -> list[str]:
     Raises:
         DiffattrError: naming the file: unreadable or truncated, or written under another stamp.
     """
+    with _opened(path, stamp) as handle:
+        return list(handle.keys())
+
+
+@contextlib.contextmanager
+def _opened(path: Path, stamp: str | None):
+    """A safetensors file opened for reading, its ``stamp`` checked (when given); any failure while
+    it is open, the reader's own included, is one error naming the file."""
     try:
         with safe_open(path, framework="pt") as handle:
-            _check_stamp(path, (handle.metadata() or {}).get(STAMP_KEY), stamp)
-            return list(handle.keys())
+            if stamp is not None:
+                _check_stamp(path, (handle.metadata() or {}).get(STAMP_KEY), stamp)
+            yield handle
     except DiffattrError:
         raise
     except Exception as error:  # safetensors raises its own types for truncated or foreign files
