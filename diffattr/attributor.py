@@ -130,10 +130,17 @@ def query_id_for(path: Path, condition: int | str | None, method: dict | None = 
     (``method``), so every method's result of the same query gets its own folder.
     """
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:48] or "query"
-    condition = condition if isinstance(condition, (int, type(None))) else "prompt:" + condition
-    key = f"{file_digest(path)}:{condition}" + ("" if method is None else ":" + json.dumps(method, sort_keys=True))
+    key = query_key(path, condition) + ("" if method is None else ":" + json.dumps(method, sort_keys=True))
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     return f"{stem}-{digest}" if method is None else f"{stem}-{method['method']}-{digest}"
+
+
+def query_key(path: Path, condition: int | str | None) -> str:
+    """What a query is: its file's content and its condition, not its name. The query's noise
+    (perturbation draws, a baseline's gradient draws) is keyed by it, so the same image under
+    another file name gets the same scores."""
+    condition = condition if isinstance(condition, (int, type(None))) else "prompt:" + condition
+    return f"{file_digest(path)}:{condition}"
 
 
 def _on_all_rows(rows: torch.Tensor, num_images: int, scores, after: LossMatrix, deltas):
@@ -189,6 +196,7 @@ class Attributor:
         clip: a :class:`~diffattr.clip.ClipEmbedder`, for the CLIP baseline.
         scheduler: scheduler folder, for a bare UNet folder ``model``.
         lora: a LoRA adapter folder fused into a text-to-image ``model`` given as a path.
+        variant: the weight files' variant of a ``model`` given as a path (e.g. ``fp16``).
         device: ``"cpu"``, ``"cuda"``, … (default: CUDA when available).
         progress: show progress bars.
         max_image_pixels: the largest width × height of an image read (training or query).
@@ -209,6 +217,7 @@ class Attributor:
         clip=None,
         scheduler: str | Path | None = None,
         lora: str | Path | None = None,
+        variant: str | None = None,
         device: str | None = None,
         progress: bool = True,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
@@ -217,7 +226,7 @@ class Attributor:
     ):
         distributed.setup()  # launched by torchrun / accelerate: join the other processes first
         if isinstance(model, (str, os.PathLike)):
-            model = Denoiser.from_pretrained(model, scheduler=scheduler, lora=lora, device=device)
+            model = Denoiser.from_pretrained(model, scheduler=scheduler, lora=lora, variant=variant, device=device)
         elif not isinstance(model, Denoiser):  # a loaded diffusers pipeline
             from .models import load_pipeline
 
@@ -545,7 +554,8 @@ class Attributor:
         self, queries: list[_Query], baseline: torch.Tensor, k: int, candidates: int | None
     ) -> list[AttributionResult]:
         """Queries whose perturbed copies share one pass (one query with ``candidates``: its own rows)."""
-        query_ids = [query_id_for(q.path, q.condition) for q in queries]  # seed the perturbations
+        query_ids = [query_id_for(q.path, q.condition) for q in queries]
+        keys = [query_key(q.path, q.condition) for q in queries]  # seed the perturbations
         # One at a time, as a lone query is encoded (a batched VAE could round differently); rank 0's
         # everywhere, so that every process picks the same candidates.
         encodings = torch.cat([self.model.encode(q.pixels[None].to(self.model.device)) for q in queries])
@@ -556,7 +566,7 @@ class Attributor:
         retrieve_seconds = time.perf_counter() - start
         more = f" and {len(queries) - 1} more" if len(queries) > 1 else ""
         responses = engine.respond_many(
-            [(e, q.conditions, "perturb:" + i) for e, q, i in zip(encodings, queries, query_ids)],
+            [(e, q.conditions, "perturb:" + key) for e, q, key in zip(encodings, queries, keys)],
             self.attribution,
             progress=self.progress,
             description=f"scoring {queries[0].path.name}{more}",
@@ -582,6 +592,11 @@ class Attributor:
         needs_calibration = AGGREGATIONS[self.attribution.aggregation].needs_calibration
         reference = self.calibration() if needs_calibration else None
         scores = engine.score(response, baseline, self.attribution, reference=reference)
+        if response.steps == 0:
+            cause = "the perturbed copy took no optimizer step (--steps 0, or a stopping rule met at the start)"
+        else:
+            cause = f"{response.steps} optimizer steps changed no loss (raise --lr or --steps)"
+        _refuse_tied(scores, query.path, cause)
         after = response.after
         deltas = after.losses - (baseline if rows is None else baseline[rows])
         if rows is not None:  # images left out by the pre-filter: score −inf, no losses
@@ -655,13 +670,17 @@ class Attributor:
         conditions = None if queries[0].conditions is None else torch.cat([q.conditions for q in queries])
         # The query's noise depends on the query alone, not on the method's settings (a λ sweep
         # compares one set of query features).
-        names = ["query:" + query_id_for(q.path, q.condition) for q in queries]
+        names = ["query:" + query_key(q.path, q.condition) for q in queries]
         features = scorer.featurise(images, conditions, names, description="queries")
         scores = scorer.scores(features, train)
         score_seconds = (time.perf_counter() - start) / len(queries)
         config = {"scoring": self.run_config(with_attribution=False)["scoring"], **settings}
         results = []
+        cause = f"--method {method} tells no training image apart from another"
+        if method == "dtrak":
+            cause += f" (--damping {self.gradient.damping:g} may be too large; inf gives the plain dot product)"
         for query, query_id, row in zip(queries, query_ids, scores):
+            _refuse_tied(row, query.path, cause)
             result = AttributionResult(
                 query=str(query.path),
                 query_id=query_id,
@@ -768,3 +787,10 @@ class Attributor:
     def _attribute_replica(self, path: Path, label: int | None, prompt: str | None, top_k: int) -> AttributionResult:
         (result,) = self.attribute(path, labels=label, prompts=prompt, top_k=top_k)
         return result
+
+
+def _refuse_tied(scores: torch.Tensor, query: Path, cause: str) -> None:
+    """Refuses a ranking in which every scored training image ties: it would list them by id."""
+    scored = scores[torch.isfinite(scores)]  # −inf: left out by the pre-filter
+    if scored.numel() > 1 and bool((scored == scored[0]).all()):
+        raise DiffattrError(f"{query}: every training image scores {scored[0].item():g}, {cause}")

@@ -299,14 +299,23 @@ class _Audit:
         labels, prompts = self.sample_labels(seeds), self.sample_prompts(seeds)
         path = self.file(AUDIT_SAMPLES_FILE)
         if present(path):
-            expected = {"samples": Expected((None, *self.model.sample_shape)), "seeds": Expected((None,), False)}
+            expected = {
+                "samples": Expected((None, *self.model.sample_shape)),
+                "seeds": Expected((None,), False),
+                "sampling_steps": Expected((1,), False),
+            }
             saved = self.store.load_tensors(path, expected)
             done = saved["samples"]
+            # samples of other seeds or step counts would be judged (and reported) as these settings'
             if saved["seeds"].tolist() != seeds[: len(done)] or len(saved["seeds"]) != len(done):
-                # samples of other seeds would be judged (and reported) as these seeds'
                 raise DiffattrError(
                     f"{path} holds the samples of seeds {saved['seeds'].tolist()[:4]}…, not of --sample-seed "
                     f"{self.config.sample_seed} with --samples {self.config.samples}; delete it to recompute"
+                )
+            if saved["sampling_steps"].item() != self.config.sampling_steps:
+                raise DiffattrError(
+                    f"{path} holds samples of --sampling-steps {saved['sampling_steps'].item()}, not "
+                    f"{self.config.sampling_steps}; delete it to recompute"
                 )
         else:
             done = torch.zeros(0, *self.model.sample_shape)
@@ -323,7 +332,12 @@ class _Audit:
             )
             distributed.broadcast(samples)  # sharded: every process judges rank 0's samples (the replicas)
             chunks.append(samples)
-            self.store.save_tensors(path, {"samples": torch.cat(chunks), "seeds": torch.tensor(seeds[: batch.stop])})
+            saved = {
+                "samples": torch.cat(chunks),
+                "seeds": torch.tensor(seeds[: batch.stop]),
+                "sampling_steps": torch.tensor([self.config.sampling_steps]),
+            }
+            self.store.save_tensors(path, saved)
         return torch.cat(chunks), seeds, labels, prompts
 
     def replicas(self, encodings: torch.Tensor, neighbours: dict[str, torch.Tensor]) -> list[dict]:

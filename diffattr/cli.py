@@ -51,7 +51,10 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora",
         type=path_argument,
-        help="LoRA adapter folder (diffusers/peft format), fused into a text-to-image --model",
+        help="LoRA adapter folder (diffusers/peft/kohya format), fused into an SD, SDXL or SD3 --model",
+    )
+    parser.add_argument(
+        "--variant", help="weight-file variant of the --model folders, e.g. fp16 (*.fp16.safetensors; run in fp32)"
     )
     parser.add_argument(
         "--train",
@@ -217,6 +220,7 @@ def _attributor(args, **extra):
         scoring=_config_from(args, ScoringConfig),
         scheduler=args.scheduler,
         lora=args.lora,
+        variant=args.variant,
         device=args.device,
         progress=not args.quiet,
         max_image_pixels=args.max_image_pixels,
@@ -308,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if args.debug:
             raise
+        if isinstance(error, OSError) and error.filename is not None:  # a folder where a file must be, …
+            print(f"diffattr: error: {_one_line(f'{error.filename}: {error.strerror or error}')}", file=sys.stderr)
+            return 2
         print(
             f"diffattr: unexpected error: {type(error).__name__}: {_one_line(error)} (rerun with --debug for the "
             "traceback)",

@@ -48,9 +48,15 @@ class ClipEmbedder:
         if weights is not None and not Path(weights).is_file():
             raise DiffattrError(f"--clip-weights {weights}: no such file; give a local open_clip checkpoint")
         self.device = torch.device(device)
-        self.model = open_clip.create_model(
-            model_name, pretrained=None if weights is None else str(weights), device=self.device
-        ).eval()
+        try:
+            self.model = open_clip.create_model(
+                model_name, pretrained=None if weights is None else str(weights), device=self.device
+            ).eval()
+        except Exception as error:  # truncated or foreign checkpoints raise whatever their reader raises
+            raise DiffattrError(
+                f"--clip-weights {weights}: cannot load it as {model_name} weights ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no detail'}); give a local open_clip checkpoint"
+            ) from None
         size = self.model.visual.image_size
         self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.name = model_name

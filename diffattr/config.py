@@ -127,7 +127,9 @@ class AttributionConfig(_JSONConfig):
 
     direction: str = _field("ascent", "descent: train the copy on the query; ascent: unlearn it")
     steps: int = _field(
-        10, "optimizer steps on the query (0 leaves the model unchanged); the bound with --target-change"
+        10,
+        "optimizer steps on the query (the bound with --target-change); after 0 steps every score ties, which is "
+        "refused",
     )
     learning_rate: float = _field(1e-4, "optimizer step size")
     target_change: float | None = _field(

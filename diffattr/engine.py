@@ -291,7 +291,7 @@ class Engine:
                 after,
                 copy.query_losses,
                 copy.steps,
-                {"perturb_seconds": seconds, "score_seconds": score_seconds, "images_per_pass": len(items)},
+                {"perturb_seconds": seconds, "score_seconds": score_seconds, "queries_per_pass": len(items)},
                 images,
             )
             for after, copy, seconds in zip(matrices, copies, perturb_seconds)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import GradientConfig
 from .denoisers import Denoiser
+from .errors import DiffattrError
 from .losses import denoising_loss, gradients_of
 from .noise import draw_noise, noise_key
 from .perturb import select_parameters
@@ -188,7 +189,14 @@ def kernel_matrix(train_features: torch.Tensor, *, damping: float) -> torch.Tens
     eigenvalues, eigenvectors = torch.linalg.eigh(phi.T @ phi)
     eigenvalues = eigenvalues.clamp_min(0)
     lam = damping * eigenvalues.mean()
-    return ((eigenvectors / (eigenvalues + lam)) @ eigenvectors.T @ phi.T).float()
+    kernel = (eigenvectors / (eigenvalues + lam)) @ eigenvectors.T @ phi.T
+    # λ so large that every entry falls below float32's smallest normal: the scores would be 0s
+    if not torch.isfinite(lam) or (phi.abs().max() > 0 and kernel.abs().max() < torch.finfo(torch.float32).tiny):
+        raise DiffattrError(
+            f"--damping {damping:g} is too large for float32 scores (they would round to 0): "
+            "use a smaller value, or inf for the plain dot product"
+        )
+    return kernel.float()
 
 
 def kernel_scores(query_features: torch.Tensor, train_features: torch.Tensor, *, damping: float) -> torch.Tensor:

@@ -25,14 +25,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import OPTIMIZERS, AttributionConfig
-from .denoisers import Denoiser, LatentTextUNet
+from .denoisers import DENOISERS, Denoiser
 from .errors import DiffattrError
 from .fisher import ewc_penalty
 from .losses import denoising_loss
 
 _LORA_ADAPTER = "diffattr_query"
 # Every family's named sets, for the hint when a name is known but this model lacks it.
-_KNOWN_SETS = set(LatentTextUNet.parameter_groups)
+_KNOWN_SETS = {name for family in DENOISERS.values() for name in family.parameter_groups}
 
 
 def select_parameters(

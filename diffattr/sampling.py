@@ -43,15 +43,16 @@ def generate(
     conditions = model.conditions(names, labels=labels, prompts=prompts)
     guided = model.is_text_conditioned and guidance_scale != 1.0
     if guided:
-        conditions = torch.cat([model.encode_prompts([""] * len(seeds)), conditions])
+        conditions = torch.cat([model.conditions(names, prompts=[""] * len(seeds)), conditions])
     if conditions is not None:
         conditions = conditions.to(model.device)
     for t in tqdm(scheduler.timesteps, disable=not progress, desc="sampling"):
-        timesteps = t.expand(len(seeds)).to(model.device)
+        timesteps = t.expand(len(seeds)).to(model.device)  # the network's own values (σ·T for flow matching)
         if guided:
-            empty, conditional = model.predict(sample.repeat(2, 1, 1, 1), timesteps.repeat(2), conditions).chunk(2)
+            doubled = sample.repeat(2, 1, 1, 1)
+            empty, conditional = model.call_network(doubled, timesteps.repeat(2), conditions).chunk(2)
             output = empty + guidance_scale * (conditional - empty)
         else:
-            output = model.predict(sample, timesteps, conditions)
+            output = model.call_network(sample, timesteps, conditions)
         sample = scheduler.step(output, t, sample, generator=generators).prev_sample
     return (sample if model.is_latent else sample.clamp(-1, 1)).cpu()

@@ -13,7 +13,8 @@
 <run-dir>/methods/<method>-<hash>.safetensors  "features": a baseline's training features, per setting
 <run-dir>/queries/<query-id>/result.json       query, top-k, config, timings
 <run-dir>/queries/<query-id>/scores.safetensors "scores" (N,), "deltas" (N, K), "after" (N, K)
-<run-dir>/queries/<query-id>/query.png          the query as the model saw it
+<run-dir>/queries/<query-id>/query.png          the query as the model saw it (its digest and the
+                                                folder's name are in the stamp of the two files above)
 <run-dir>/inputs/<hash>.png         query images given as objects (PIL images, tensors), as 8-bit PNGs
 <run-dir>/audit/                    the memorization audit (see audit.py)
 ```
@@ -499,14 +500,21 @@ class RunDirectory:
         from .data import save_image
 
         folder = self.query_dir(query_id)
-        stamp = self._result_stamp(record)
+        save_image(query_image, folder / QUERY_IMAGE_FILE)  # first: the stamp holds its digest
+        stamp = self._result_stamp(record, folder)
         self.save_tensors(folder / SCORES_FILE, tensors, stamp=stamp)
-        save_image(query_image, folder / QUERY_IMAGE_FILE)
         self.save_json(folder / RESULT_FILE, record, stamp=stamp)
 
-    def _result_stamp(self, record: dict) -> str:
-        """A Forward-INF result depends on the attribution settings too; a baseline's does not."""
-        return self.stamp_of(with_attribution=record.get("method") == "forward-inf")
+    def _result_stamp(self, record: dict, folder: Path) -> str:
+        """The stamp of one query's files: the run's (with the attribution settings for a
+        Forward-INF result; a baseline's does not depend on them), the query folder's name and the
+        digest of its ``query.png``, so that files moved between query folders are refused."""
+        image = folder / QUERY_IMAGE_FILE
+        if not present(image):
+            raise DiffattrError(f"{image} is missing; delete the folder {folder} to recompute the query")
+        digest = hashlib.sha256(image.read_bytes()).hexdigest()
+        run = self.stamp_of(with_attribution=record.get("method") == "forward-inf")
+        return hashlib.sha256(f"{run}/{folder.name}/{digest}".encode()).hexdigest()[:16]
 
     def save_input(self, png: bytes) -> Path:
         """Keeps a query given as an object as a PNG file named by its content (once per content)."""
@@ -527,7 +535,9 @@ class RunDirectory:
         unless both were computed under this run's settings; ``scores`` is ``(N,)``."""
         source = folder / RESULT_FILE
         value = read_json(source)  # once: which stamp it must carry depends on its method
-        stamp = self._result_stamp(value if isinstance(value, dict) else {})
+        if not isinstance(value, dict):
+            raise DiffattrError(f"{source}: expected a JSON object; delete it to recompute")
+        stamp = self._result_stamp(value, folder)
         result = _unstamped(source, value, stamp)
         scores = folder / SCORES_FILE
         # −inf: an image a --candidates query left out

@@ -35,7 +35,9 @@ def test_candidates_are_scored_as_in_the_full_pass(tmp_path, tiny_model, tiny_da
     kept = torch.isfinite(some.scores)
     assert 4 <= kept.sum() == record["candidates"]["scored"] == len(record["top"]) < 12
     assert "a/img_004.png" in some.top_ids  # itself, at distance 0
-    torch.testing.assert_close(some.scores[kept], full.scores[kept], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        some.scores[kept], full.scores[kept], rtol=1e-5, atol=1e-6
+    )  # rows batched otherwise: float rounding
     assert torch.isnan(some.deltas[~kept]).all() and some.scores[~kept].eq(float("-inf")).all()
     assert some.top_ids == [i for i in full.top_ids if kept[full.ids.index(i)]]
     with pytest.raises(DiffattrError, match="--candidates"):

@@ -285,5 +285,5 @@ def test_a_loaded_pipeline_and_pil_queries_score_as_their_folders_and_files(tmp_
         next(pipe.unet.parameters()).add_(1e-3)
     with pytest.raises(DiffattrError, match="model"):
         Attributor(pipe, concept, tmp_path / "object", scoring=SCORING, attribution=FAST, progress=False).baseline()
-    with pytest.raises(DiffattrError, match="supports pipelines whose unet is one of"):
+    with pytest.raises(DiffattrError, match="supports pipelines whose unet or transformer is one of"):
         Attributor(object(), concept, tmp_path / "bad")

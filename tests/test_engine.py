@@ -62,7 +62,7 @@ def test_copies_sharing_one_pass_score_as_one_pass_each(engine):
             alone = engine.respond(encoding, condition, name, CONFIG, with_prediction_change=True, images=images)
             assert torch.equal(response.after.losses, alone.after.losses)
             assert torch.equal(response.after.prediction_change, alone.after.prediction_change)
-            assert response.query_losses == alone.query_losses and response.timings["images_per_pass"] == 3
+            assert response.query_losses == alone.query_losses and response.timings["queries_per_pass"] == 3
     assert shared[0].after.losses.shape == (4, 3) and not torch.equal(shared[0].after.losses, shared[1].after.losses)
 
 

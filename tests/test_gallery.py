@@ -230,17 +230,16 @@ def write_run(run_dir: Path, data: Path, *, num_queries: int, top: int, seed=0) 
     query_ids = []
     for q in range(num_queries):
         query_id = f"sample{q}-0000000{q}"
-        folder = run_dir / "queries" / query_id
         scores = torch.randn(len(ids), generator=generator)
         deltas = torch.randn(len(ids), 10, generator=generator) * 1e-3
-        store.save_tensors(folder / "scores.safetensors", {"scores": scores, "deltas": deltas})
-        _png(folder / "query.png", seed=1000 + q, size=16)
+        query_image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1000 + q)) * 2 - 1
         order = torch.sort(scores, descending=True, stable=True).indices[:top].tolist()
         entries = [
             {"rank": r, "id": ids[i], "score": float(scores[i]), "text": f"caption of {ids[i]}", "label": None}
             for r, i in enumerate(order, start=1)
         ]
-        store.save_json(folder / "result.json", {"query": f"/gen/sample{q}.png", "query_id": query_id, "top": entries})
+        record = {"query": f"/gen/sample{q}.png", "query_id": query_id, "top": entries}
+        store.save_result(query_id, record, {"scores": scores, "deltas": deltas}, query_image)
         query_ids.append(query_id)
     return query_ids
 

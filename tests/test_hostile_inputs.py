@@ -720,3 +720,93 @@ def test_final_probe_samples_of_other_seeds_are_refused(capsys, tmp_path, tiny_m
     shutil.copy(runs["0"] / "audit" / "samples.safetensors", runs["5"] / "audit" / "samples.safetensors")
     args = common(tiny_model, tiny_data, runs["5"], *audit, "--sample-seed", "5")
     one_line_error(capsys, "audit", *args, match="samples.safetensors holds the samples of seeds [0, 1]")
+
+
+def test_final_probe_files_moved_between_query_folders_are_refused(capsys, tmp_path, run_dir, tiny_model, tiny_data):
+    queries = [tiny_data / "a" / "img_000.png", tiny_data / "b" / "img_001.png"]
+    args = common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", queries[0], "--query", queries[1])
+    assert cli(capsys, "attribute", *args)[0] == 0
+    first, second = sorted((run_dir / "queries").iterdir())
+    for name, match in (("scores.safetensors", "scores.safetensors"), ("query.png", "result.json")):
+        shutil.copy(first / name, tmp_path / name)
+        shutil.copy(second / name, first / name)  # the other query's file, under this query's name
+        one_line_error(capsys, "gallery", "--run-dir", run_dir, "--quiet", match=f"{first.name}/{match}")
+        shutil.copy(tmp_path / name, first / name)
+    assert cli(capsys, "gallery", "--run-dir", run_dir, "--quiet")[0] == 0
+
+
+def test_final_probe_samples_of_other_sampling_steps_are_refused(capsys, tmp_path, tiny_model, tiny_data):
+    runs = {steps: tmp_path / f"steps{steps}" for steps in ("3", "4")}
+    for steps, run in runs.items():
+        audit = ["--samples", "2", "--sampling-steps", steps, "--alpha", "100", *PERTURB]
+        code, err = cli(capsys, "audit", *common(tiny_model, tiny_data, run, *audit))
+        assert code == 0, err
+    for name in ("report.json", "replicas.json"):
+        (runs["4"] / "audit" / name).unlink(missing_ok=True)
+    shutil.copy(runs["3"] / "audit" / "samples.safetensors", runs["4"] / "audit" / "samples.safetensors")
+    audit = ["--samples", "2", "--sampling-steps", "4", "--alpha", "100", *PERTURB]
+    one_line_error(
+        capsys, "audit", *common(tiny_model, tiny_data, runs["4"], *audit), match="samples of --sampling-steps 3, not 4"
+    )
+
+
+def test_final_probe_rankings_in_which_every_image_ties_are_refused(capsys, run_dir, tiny_model, tiny_data):
+    query = tiny_data / "a" / "img_000.png"
+    args = common(tiny_model, tiny_data, run_dir, "--draws-per-step", "4", "--query", query)
+    one_line_error(capsys, "attribute", *args, "--steps", "0", match="took no optimizer step")
+    dtrak = [*args, "--method", "dtrak", "--projection-dim", "8"]
+    one_line_error(capsys, "attribute", *dtrak, "--damping", "1e300", match="--damping 1e+300 is too large")
+    assert cli(capsys, "attribute", *dtrak, "--damping", "1e3")[0] == 0
+    assert [p.name for p in (run_dir / "queries").iterdir()] == [p.name for p in (run_dir / "queries").glob("*dtrak*")]
+
+
+def test_final_probe_unreadable_files_and_folders_in_a_files_place_are_one_line(
+    capsys, tmp_path, run_dir, tiny_model, tiny_data
+):
+    query = tiny_data / "a" / "img_000.png"
+    args = common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", query)
+    assert cli(capsys, "attribute", *args)[0] == 0
+    truncated = tmp_path / "clip.safetensors"
+    truncated.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    clip = ["--clip-model", str(Path(__file__).parent / "data" / "diffattr-tiny-clip.json"), "--clip-weights"]
+    gallery = ["gallery", "--run-dir", run_dir, "--quiet", "--device", "cpu"]
+    one_line_error(capsys, *gallery, *clip, truncated, match=f"--clip-weights {truncated}: cannot load it")
+    (run_dir / ".lock").unlink(missing_ok=True)
+    (run_dir / ".lock").mkdir()
+    one_line_error(capsys, "attribute", *args, match=".lock: Is a directory")
+    (run_dir / ".lock").rmdir()
+    shutil.rmtree(run_dir / "queries")
+    (run_dir / "queries").write_text("")
+    one_line_error(capsys, "attribute", *args, match="queries")
+    (tmp_path / "demo-out").write_text("")
+    one_line_error(capsys, "demo", "--out", tmp_path / "demo-out", "--quiet", match="demo-out")
+
+
+def test_final_probe_the_same_image_under_another_name_scores_the_same(
+    capsys, tmp_path, run_dir, tiny_model, tiny_data
+):
+    # A query's noise is keyed by its content and condition, not by its file name.
+    original = tiny_data / "a" / "img_000.png"
+    renamed = tmp_path / "renamed.png"
+    shutil.copy(original, renamed)
+    for extra in ([], ["--method", "dtrak", "--projection-dim", "8"]):
+        args = common(tiny_model, tiny_data, run_dir, *PERTURB, *extra, "--query", original, "--query", renamed)
+        assert cli(capsys, "attribute", *args)[0] == 0
+    for method in ("forward-inf", "dtrak"):
+        scores = []
+        for stem in ("img_000", "renamed"):
+            (folder,) = [
+                p for p in (run_dir / "queries").glob(f"{stem}-*") if ("dtrak" in p.name) == (method == "dtrak")
+            ]
+            with safe_open(folder / "scores.safetensors", "pt") as handle:
+                scores.append(handle.get_tensor("scores"))
+        assert torch.equal(*scores), method
+
+
+def test_final_probe_the_gallery_shows_queries_per_pass_as_a_count(capsys, tmp_path, run_dir, tiny_model, tiny_data):
+    query = tiny_data / "a" / "img_000.png"
+    assert cli(capsys, "attribute", *common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", query))[0] == 0
+    out = tmp_path / "site"
+    assert cli(capsys, "gallery", "--run-dir", run_dir, "--out", out, "--quiet")[0] == 0
+    (page,) = out.glob("query-*.html")
+    assert "<dt>queries per pass</dt><dd>1</dd>" in page.read_text() and "per pass time" not in page.read_text()
