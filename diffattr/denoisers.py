@@ -23,6 +23,7 @@ config. Adding a family is one subclass here and its test.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import ClassVar
 
@@ -79,6 +80,7 @@ class Denoiser:
         for name in (*self.components, *self.optional_components):
             setattr(self, name, components.get(name))
         self._alphas: torch.Tensor | None = None
+        self._flow: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def with_network(self, network: torch.nn.Module, *, source: str, fingerprint: str) -> Denoiser:
         """The same family, scheduler and components around another network (e.g. a fine-tuned copy)."""
@@ -180,10 +182,10 @@ class Denoiser:
         Read from a fresh scheduler of the same config, as diffusers' SD3 training scripts read
         them (the shift applied, ``set_timesteps`` never called): grid step t ↔ σ_t, timestep σ_t·T.
         """
-        if self._alphas is None:
+        if self._flow is None:
             fresh = type(self.scheduler).from_config(self.scheduler.config)
-            self._alphas = torch.stack([fresh.sigmas.flip(0), fresh.timesteps.flip(0)]).to(torch.float32)
-        return self._alphas[0], self._alphas[1]
+            self._flow = (fresh.sigmas.flip(0).to(torch.float32), fresh.timesteps.flip(0).to(torch.float32))
+        return self._flow
 
     # -- the forward process and the training target --------------------------------------------
 
@@ -294,7 +296,7 @@ def pack(*parts: torch.Tensor) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
     """The inverse of :func:`pack`, given each part's per-image shape."""
-    sizes = [int(torch.tensor(shape).prod()) for shape in shapes]
+    sizes = [math.prod(shape) for shape in shapes]
     if packed.shape[1] != sum(sizes):
         raise DiffattrError(
             f"conditions of {packed.shape[1]} values per image, the model expects {sum(sizes)}: "
