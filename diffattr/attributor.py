@@ -724,6 +724,14 @@ class Attributor:
             query.pixels,
         )
 
+    def gallery(self, out: str | Path | None = None, **options) -> Path:
+        """Renders this run directory as HTML (:func:`~diffattr.gallery.write_gallery`), with this
+        object's training set — which a ``datasets.Dataset`` object needs, having no folder the run
+        directory could name. Returns the path of ``index.html``."""
+        from .gallery import write_gallery
+
+        return write_gallery(self.run.path, out, train=self.data, progress=self.progress, **options)
+
     # -- audit: which training images the model has memorized ----------------------------------------
 
     def audit(

@@ -1,9 +1,12 @@
 """Training and query images in the Hugging Face *imagefolder* convention.
 
-A data folder holds image files at any depth and, optionally, one metadata file at its root —
-``metadata.jsonl``, ``metadata.csv`` or ``metadata.parquet`` — whose rows name an image in
-``file_name`` (relative path) beside its caption (column ``text``, or ``--caption-column``) and
-class label (``label``, or ``--label-column``). Each image's stable id is its path relative to the
+A data folder holds image files at any depth and, optionally, metadata files —
+``metadata.jsonl``, ``metadata.csv`` or ``metadata.parquet``, at most one per folder — whose rows
+name an image in ``file_name`` (its path relative to the metadata file's folder) beside its caption
+(column ``text``, or ``--caption-column``) and class label (``label``, or ``--label-column``). As
+in ``datasets``' imagefolder, a metadata file in a sub-folder (``train/metadata.jsonl``, one per
+shard) covers the images in and below that sub-folder; an image listed by two metadata files is
+refused rather than resolved by a rule the user might not expect. Each image's stable id is its path relative to the
 folder, with ``/`` separators: ids never depend on the order in which files are found, so noise,
 caches and results stay attached to the right image.
 
@@ -98,13 +101,13 @@ def class_indices(labels: list, *, where: str) -> tuple[list[int | None], list[s
     Returns:
         the index of each label (``None`` where none), and the class names (``None`` for integers).
     """
+    # Integers written as text (a CSV's) are integers, also beside a JSON file's.
+    labels = [int(label) if isinstance(label, str) and _integer_text(label) else label for label in labels]
     given = [label for label in labels if label is not None]
     if all(isinstance(label, int) for label in given):
-        return list(labels), None
+        return labels, None
     if not all(isinstance(label, str) for label in given):
         raise DiffattrError(f"{where}: labels mix integers and class names; use one or the other")
-    if all(_integer_text(label) for label in given):  # a CSV's integers
-        return [None if label is None else int(label) for label in labels], None
     names = sorted(set(given))
     index = {name: i for i, name in enumerate(names)}
     return [None if label is None else index[label] for label in labels], names
@@ -182,16 +185,17 @@ def _metadata_rows(path: Path):
             yield f"{path}: row {number}", row
 
 
-def _metadata_file(root: Path) -> Path | None:
-    found = [root / name for name in METADATA_FILES if (root / name).exists() or (root / name).is_symlink()]
+def _metadata_file(folder: Path, names) -> Path | None:
+    """The metadata file among ``names`` (a folder's entries), refused when there are several."""
+    found = [folder / name for name in METADATA_FILES if name in names]
     if len(found) > 1:
-        raise DiffattrError(f"data folder {root} holds {' and '.join(p.name for p in found)}: keep one metadata file")
+        raise DiffattrError(f"folder {folder} holds {' and '.join(p.name for p in found)}: keep one metadata file")
     return found[0] if found else None
 
 
 def _read_metadata(path: Path, root: Path, columns: Columns) -> tuple[dict[str, dict], list[str]]:
-    """Maps image id → ``{"text", "label"}`` (the label as written), and the columns found;
-    every ``file_name`` must name an image inside ``root``."""
+    """Maps image id (relative to ``root``) → ``{"text", "label"}`` (the label as written), and the
+    columns found; every ``file_name`` must name an image in or below the metadata file's folder."""
     rows: dict[str, dict] = {}
     found: dict[str, None] = {}
     for where, row in _metadata_rows(path):
@@ -201,12 +205,17 @@ def _read_metadata(path: Path, root: Path, columns: Columns) -> tuple[dict[str, 
         try:
             # The id is the path as written (a link keeps its own name, as in the folder scan); the
             # file it leads to must be inside the folder too.
-            listed = Path(os.path.normpath(root / row["file_name"]))
+            listed = Path(os.path.normpath(path.parent / row["file_name"]))
             target = listed.resolve()
         except (OSError, RuntimeError, ValueError) as error:  # a NUL byte, a symbolic link loop
             raise DiffattrError(f"{where}: file_name {row['file_name']!r} is not a usable path ({error})") from None
         if not (_inside(root, listed) and _inside(root, target)):
             raise DiffattrError(f"{where}: file_name {row['file_name']!r} points outside the data folder {root}")
+        if not _inside(path.parent, listed):
+            raise DiffattrError(
+                f"{where}: file_name {row['file_name']!r} is outside the folder of its metadata file; "
+                "list it in the metadata file of a folder above it"
+            )
         if not target.is_file():
             raise DiffattrError(f"{where}: file_name {row['file_name']!r} does not exist in {root}")
         if target.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -329,16 +338,24 @@ class ImageFolder(TrainingImages):
                 f"--image-column {self.columns.image}: a data folder's metadata names its images in file_name; "
                 "--image-column is for a datasets folder or a parquet file"
             )
-        metadata_file = _metadata_file(self.root)
-        metadata, self.columns_found = {}, []
-        if metadata_file is not None:
-            metadata, self.columns_found = _read_metadata(metadata_file, self.root, self.columns)
-        elif self.columns.caption or self.columns.label:
+        paths, metadata_files = self._scan()
+        paths.sort(key=lambda path: path.relative_to(self.root).as_posix())
+        metadata, listed_in, found = {}, {}, {}
+        for metadata_file in metadata_files:
+            rows, columns_found = _read_metadata(metadata_file, self.root, self.columns)
+            for image_id in rows.keys() & listed_in.keys():
+                raise DiffattrError(
+                    f"{image_id!r} is listed in both {listed_in[image_id]} and {metadata_file}; keep one row"
+                )
+            metadata.update(rows)
+            listed_in.update(dict.fromkeys(rows, metadata_file))
+            found.update(dict.fromkeys(columns_found))
+        self.columns_found = list(found)
+        if not metadata_files and (self.columns.caption or self.columns.label):
             raise DiffattrError(
                 f"--caption-column/--label-column given, but {self.root} has no metadata file "
                 f"({', '.join(METADATA_FILES)})"
             )
-        paths = sorted(self._image_paths(), key=lambda path: path.relative_to(self.root).as_posix())
         if not paths:
             raise DiffattrError(
                 f"data folder {self.root} holds no image (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -347,21 +364,28 @@ class ImageFolder(TrainingImages):
         unused = sorted(set(metadata) - set(ids))
         if unused:  # its caption or label would be dropped without a word
             raise DiffattrError(
-                f"{metadata_file} lists {unused[0]!r}, which the folder scan skips (a hidden file or "
+                f"{listed_in[unused[0]]} lists {unused[0]!r}, which the folder scan skips (a hidden file or "
                 "folder, or one reached through a linked folder): move the image or remove its row"
             )
         rows = [metadata.get(image_id, {}) for image_id in ids]
         labels = [row.get("label") for row in rows]
         if all(label is None for label in labels) and self.columns.label is None:
             labels = _folder_labels(ids) or labels  # class sub-folders
-        indices, self.class_names = class_indices(labels, where=str(metadata_file or self.root))
+        indices, self.class_names = class_indices(labels, where=", ".join(map(str, metadata_files)) or str(self.root))
         self.records = [
             ImageRecord(image_id, path, row.get("text"), label)
             for image_id, path, row, label in zip(ids, paths, rows, indices)
         ]
 
-    def _image_paths(self):
+    def _scan(self) -> tuple[list[Path], list[Path]]:
+        """The image files and the metadata files of the folder, hidden ones skipped."""
+        images, metadata_files = [], []
         for directory, subdirectories, files in os.walk(self.root):
+            subdirectories.sort()  # metadata files read in a fixed order: errors name the same file
+            # A metadata file that is a folder, or a link, is named here rather than ignored.
+            metadata_file = _metadata_file(Path(directory), set(files) | set(subdirectories))
+            if metadata_file is not None:
+                metadata_files.append(metadata_file)
             subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
             for name in subdirectories:  # os.walk does not follow links: one leading out would be lost
                 link = Path(directory) / name
@@ -386,7 +410,8 @@ class ImageFolder(TrainingImages):
                         f"{path} is a link to a file outside the data folder {self.root}; "
                         "copy the file into the folder instead"
                     )
-                yield path
+                images.append(path)
+        return images, metadata_files
 
 
 def is_dataset_table(path: Path) -> bool:

@@ -567,7 +567,8 @@ class SD3Transformer(TextConditioned):
     """Stable Diffusion 3: an MMDiT (``SD3Transformer2DModel``) trained by flow matching, with two
     CLIP text encoders and an optional T5 (``text_encoder_3``). Conditioned as its pipeline encodes
     prompts: the CLIP encoders' penultimate hidden states side by side, zero-padded to the joint
-    width and followed by T5's 256 tokens (zeros without a T5), and both pooled projections."""
+    width and followed by T5's 256 tokens (zeros without a T5, added at the call rather than
+    stored), and both pooled projections."""
 
     family = "sd3"
     network_class = "SD3Transformer2DModel"
@@ -576,9 +577,14 @@ class SD3Transformer(TextConditioned):
     lora_pipeline = "StableDiffusion3Pipeline"
     t5_tokens = 256
 
+    @property
+    def _has_t5(self) -> bool:
+        return getattr(self, "text_encoder_3", None) is not None
+
     def _shapes(self) -> list[tuple[int, ...]]:
         config = self.network.config
-        length = self.tokenizer.model_max_length + self.t5_tokens
+        # Without a T5 its 256 tokens are zeros: made at the call, not stored for every image.
+        length = self.tokenizer.model_max_length + (self.t5_tokens if self._has_t5 else 0)
         return [(length, config.joint_attention_dim), (config.pooled_projection_dim,)]
 
     def _encode(self, prompts):
@@ -587,15 +593,16 @@ class SD3Transformer(TextConditioned):
         width = self.network.config.joint_attention_dim
         clip = torch.cat([first, second], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
-        if getattr(self, "text_encoder_3", None) is None:
-            t5 = clip.new_zeros(len(prompts), self.t5_tokens, width)
-        else:
-            ids = self._tokens(self.tokenizer_3, prompts, self.t5_tokens).input_ids.to(self.device)
-            t5 = self.text_encoder_3(ids)[0].float()
-        return pack(torch.cat([clip, t5], dim=1), torch.cat([pooled_first, pooled_second], dim=-1))
+        pooled = torch.cat([pooled_first, pooled_second], dim=-1)
+        if not self._has_t5:
+            return pack(clip, pooled)
+        ids = self._tokens(self.tokenizer_3, prompts, self.t5_tokens).input_ids.to(self.device)
+        return pack(torch.cat([clip, self.text_encoder_3(ids)[0].float()], dim=1), pooled)
 
     def call_network(self, noisy, timesteps, conditions, *, network=None):
         hidden, pooled = (part.to(noisy.device) for part in unpack(conditions, self._shapes()))
+        if not self._has_t5:  # the pipeline's zeros in T5's place: they take part in joint attention
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, self.t5_tokens))
         network = self.network if network is None else network
         return network(noisy, encoder_hidden_states=hidden, pooled_projections=pooled, timestep=timesteps).sample
 

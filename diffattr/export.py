@@ -31,7 +31,7 @@ def result_rows(run_dir: str | os.PathLike, *, top_k: int | None = None, train=N
     """The rows of every query, and the ``(Q, N)`` score matrix with its ids (``{"scores", "ids", "queries"}``)."""
     if top_k is not None and top_k < 1:
         raise DiffattrError(f"--top-k {top_k}: must be at least 1")
-    run = open_run(Path(run_dir).expanduser(), None if train is None else Path(train))
+    run = open_run(Path(run_dir).expanduser(), train)
     rows, matrix, query_ids = [], [], []
     for folder in run.store.query_folders():
         result, scores = run.store.load_result(folder, None if run.ids is None else len(run.ids))

@@ -291,19 +291,21 @@ class _Run:
 
     def train_path(self, image_id: str, *, source: Path) -> Path | TableImage | None:
         """The image of a training id: its file, or its table row; ``None`` when the training set is unknown."""
-        if self.train_root is None:
-            return None
-        if self.train is not None and self.train.records[0].path is None:  # a datasets table
+        if self.train is not None and self.train.records[0].path is None:  # a datasets table (or object)
             record = self.records().get(image_id)
             if record is None:
                 return None
             return TableImage(self.train.content_digest(record), lambda: self.train.source(record))
+        if self.train_root is None:
+            return None
         return _resolve_inside(self.train_root, image_id, what="training id", source=source)
 
 
-def open_run(run_dir: Path, train: Path | None) -> _Run:
+def open_run(run_dir: Path, train: Path | TrainingImages | object | None) -> _Run:
     """A finished run directory, read for reporting (the gallery, ``diffattr export``): its settings,
-    ids and grid, checked, and its training images when they can be found (fingerprint checked)."""
+    ids and grid, checked, and its training images when they can be found (fingerprint checked).
+    ``train`` is a path, or the training set as an object (a ``datasets.Dataset``, which has no
+    folder the run could have recorded)."""
     if not run_dir.exists():
         raise DiffattrError(f"--run-dir {run_dir}: no such folder")
     if not run_dir.is_dir():
@@ -320,6 +322,9 @@ def open_run(run_dir: Path, train: Path | None) -> _Run:
         raise DiffattrError(
             f"{store.file('ids.json')} does not list the run's training images; delete the run directory"
         )
+    if train is not None and not isinstance(train, (str, os.PathLike)):
+        images = _checked_training_images(train, data.get("fingerprint"), _columns(data))
+        return _Run(store, config, ids, timesteps, images.root, images)
     if train is not None:
         train_root = Path(train).expanduser().resolve()
         if not (train_root.is_dir() or is_dataset_table(train_root)):
@@ -339,7 +344,7 @@ def _columns(data: dict) -> Columns:
     return Columns(**{key: named[key] for key in ("image", "caption", "label") if isinstance(named.get(key), str)})
 
 
-def _checked_training_images(root: Path, fingerprint: str | None, columns: Columns) -> TrainingImages | None:
+def _checked_training_images(root, fingerprint: str | None, columns: Columns) -> TrainingImages | None:
     """The training images, refused when they or their captions changed since the run: their
     thumbnails and captions would sit beside scores computed on other images. Without a
     ``fingerprint`` (a run directory not written by diffattr) they are read unchecked, if they can be."""
@@ -350,8 +355,9 @@ def _checked_training_images(root: Path, fingerprint: str | None, columns: Colum
             return None
     images = open_training_images(root, columns)
     if images.fingerprint() != fingerprint:
+        what = root if isinstance(root, (str, os.PathLike)) else "given as an object"
         raise DiffattrError(
-            f"training data {root} has changed since the run (its images or captions differ from config.json's "
+            f"training data {what} has changed since the run (its images or captions differ from config.json's "
             "data fingerprint): pass the original folder with --train, or rerun `diffattr attribute`"
         )
     return images
@@ -588,7 +594,10 @@ def write_gallery(
         out: the gallery folder (default: ``<run-dir>/gallery``).
         top_k: training images per query page (default: every one in ``result.json``; more are
             taken from ``scores.safetensors`` when asked).
-        train: the training image folder (default: the one recorded in ``config.json``).
+        train: the training image folder, ``datasets`` folder or parquet file (default: the one
+            recorded in ``config.json``), or the training set as an object — a ``datasets.Dataset``
+            given to the :class:`~diffattr.Attributor` has no path to record, so its thumbnails and
+            captions need it here (:meth:`Attributor.gallery` passes it).
         clip: a :class:`~diffattr.clip.ClipEmbedder`: shows the CLIP cosine similarity of each
             top-k image to the query beside its influence score.
         audit_entries: memorized images listed on the audit page (the first of its ranking).
@@ -603,7 +612,7 @@ def write_gallery(
     run_dir = Path(run_dir).expanduser()
     if top_k is not None and top_k < 1:
         raise DiffattrError(f"--top-k {top_k}: must be at least 1")
-    run = open_run(run_dir, None if train is None else Path(train))
+    run = open_run(run_dir, train)
     out = Path(out).expanduser() if out is not None else run_dir / "gallery"
     if out.exists() and not out.is_dir():
         raise DiffattrError(f"--out {out} exists and is not a folder")

@@ -3,8 +3,9 @@ own ``save_pretrained`` (a user's folder layout): SDXL, DiT, PixArt and SD3 (flo
 
 Each has random weights, then ``train_steps`` quick denoising steps on the training images it is
 given (through diffattr's own loss, so the conditioning trained is the one scored). The CLIP
-tokenizer is the bundled tiny-sd one (2,514 tokens, 16 positions); PixArt's T5 encoder reads the
-same tokens (a T5 tokenizer needs a SentencePiece model this project does not ship).
+tokenizer is the bundled tiny-sd one (2,514 tokens, 16 positions); the T5 encoders (PixArt's, and
+SD3's ``text_encoder_3``) read a real ``T5Tokenizer`` (a Unigram model, as T5's SentencePiece one)
+over a small vocabulary of whole caption words and single characters.
 
 ``python -m tests.families OUT`` writes all four under ``OUT`` (about a minute on 2 cores).
 """
@@ -29,6 +30,28 @@ def _tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(TOKENIZER, local_files_only=True)
+
+
+def _t5_tokenizer():
+    import string
+
+    from transformers import T5Tokenizer
+
+    words = "a an the of in on with and handwritten digit zero one two three four five six seven eight nine sks"
+    pieces = [("▁" + word, -2.0) for word in words.split()] + [("▁", -4.0)]
+    pieces += [(char, -6.0) for char in string.ascii_lowercase + string.digits + string.punctuation]
+    vocabulary = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *pieces]  # T5's ids: pad 0, eos 1, unk 2
+    return T5Tokenizer(vocab=vocabulary, extra_ids=0, model_max_length=512)
+
+
+def _t5(seed: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(_t5_tokenizer()), d_model=width, d_ff=64, num_layers=2, num_heads=2, d_kv=16, pad_token_id=0
+    )
+    return T5EncoderModel(config).eval()
 
 
 def _clip(seed: int, *, projection: bool):
@@ -115,7 +138,6 @@ def _dit():
 
 def _pixart():
     from diffusers import DDPMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
@@ -130,18 +152,16 @@ def _pixart():
         patch_size=2,
         norm_num_groups=8,
     )
-    torch.manual_seed(2)
-    config = T5Config(vocab_size=2514, d_model=WIDTH, d_ff=64, num_layers=2, num_heads=2, d_kv=16, pad_token_id=2513)
     return PixArtAlphaPipeline(
-        tokenizer=_tokenizer(),
-        text_encoder=T5EncoderModel(config).eval(),
+        tokenizer=_t5_tokenizer(),
+        text_encoder=_t5(2, WIDTH),
         vae=_vae(1),
         transformer=transformer,
         scheduler=DDPMScheduler(num_train_timesteps=1000),
     )
 
 
-def _sd3():
+def _sd3(*, t5: bool = True):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)
@@ -166,8 +186,8 @@ def _sd3():
         tokenizer=_tokenizer(),
         text_encoder_2=_clip(3, projection=True),
         tokenizer_2=_tokenizer(),
-        text_encoder_3=None,
-        tokenizer_3=None,
+        text_encoder_3=_t5(4, 2 * WIDTH) if t5 else None,  # T5 at the joint width, as SD3's
+        tokenizer_3=_t5_tokenizer() if t5 else None,
     )
 
 

@@ -125,6 +125,31 @@ def test_metadata_as_jsonl_csv_and_parquet_read_alike(tmp_path):
         ImageFolder(tmp_path / "csv")
 
 
+def test_metadata_files_in_sub_folders_cover_their_own_images(tmp_path):
+    rows = toy_rows(2)  # file names "digits/<name>.png"
+    root_listed = copy_toy(tmp_path / "root", rows)
+    (root_listed / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sharded = copy_toy(tmp_path / "sharded", rows)
+    # One shard's metadata in the digits/ folder (names relative to it), the rest in the root.
+    inner = [dict(r, file_name=r["file_name"].removeprefix("digits/")) for r in rows[:10]]
+    write_csv(sharded / "digits" / "metadata.csv", inner)
+    (sharded / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    as_records = lambda folder: [(r.id, r.text, r.label) for r in ImageFolder(folder).records]  # noqa: E731
+    assert as_records(sharded) == as_records(root_listed)
+    assert {r.text for r in ImageFolder(sharded).records} == {r["text"] for r in rows}
+
+    (sharded / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[9:]))
+    with pytest.raises(DiffattrError, match=r"listed in both .*metadata.* keep one row"):
+        ImageFolder(sharded)
+    outside = dict(rows[0], file_name="../" + rows[0]["file_name"])
+    (sharded / "metadata.jsonl").unlink()
+    (sharded / "other").mkdir()
+    shutil.copy(sharded / rows[0]["file_name"], sharded / "other" / "x.png")
+    (sharded / "other" / "metadata.jsonl").write_text(json.dumps(outside) + "\n")
+    with pytest.raises(DiffattrError, match="outside the folder of its metadata file"):
+        ImageFolder(sharded)
+
+
 # -- labels ---------------------------------------------------------------------------------------
 
 
@@ -220,6 +245,29 @@ def test_a_datasets_table_is_a_training_set(tmp_path, toy_model, layout):
     if layout != "object":
         config = json.loads((tmp_path / "run" / "config.json").read_text())
         assert config["data"]["root"] == str(Path(train).resolve())
+    # The gallery shows the table's images and captions, also for an object (no path in the run).
+    html = next(attributor.gallery().parent.glob("query-*.html")).read_text()
+    assert html.count('src="img/') == 1 + 3 and by_row[13].text in html
+
+
+def test_the_gallery_and_export_of_a_dataset_object_take_the_object(tmp_path, toy_model):
+    from diffattr.export import result_rows
+    from diffattr.gallery import write_gallery
+
+    rows = toy_rows(2)
+    dataset = toy_dataset(rows)
+    attributor = Attributor(toy_model, dataset, tmp_path / "run", scoring=SCORING, attribution=FAST, progress=False)
+    query = tmp_path / "query.png"
+    dataset[5]["image"].save(query)
+    attributor.attribute(query, top_k=4)
+    bare = write_gallery(tmp_path / "run", tmp_path / "bare", progress=False)  # no path recorded: no thumbnails
+    assert next(bare.parent.glob("query-*.html")).read_text().count('src="img/') == 1
+    index = write_gallery(tmp_path / "run", tmp_path / "shown", train=dataset, progress=False)
+    assert next(index.parent.glob("query-*.html")).read_text().count('src="img/') == 1 + 4
+    (top, *_), _ = result_rows(tmp_path / "run", train=dataset)
+    assert top["rank"] == 1 and top["caption"] == rows[5]["text"]
+    with pytest.raises(DiffattrError, match="given as an object.*changed since the run"):
+        write_gallery(tmp_path / "run", tmp_path / "other", train=dataset.select(range(len(rows) - 1)), progress=False)
 
 
 def test_a_reordered_table_is_refused_by_its_run(tmp_path, toy_model):

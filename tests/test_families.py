@@ -126,6 +126,47 @@ def test_families_are_told_apart_and_flow_matching_follows_the_scheduler(fixture
     torch.testing.assert_close(sd3.network_timesteps(t), sigma * 1000)
 
 
+@pytest.mark.parametrize("family", ["sdxl", "pixart", "sd3", "sd3-without-t5"])
+def test_conditions_are_what_the_pipeline_itself_encodes(family, tmp_path):
+    """The prompt conditions equal the pipeline's own ``encode_prompt`` (and SDXL's time ids):
+    the conditioning scored is the one the model was trained and samples with."""
+    from diffattr.denoisers import unpack
+    from diffattr.models import load_pipeline
+
+    from .families import BUILDERS, _sd3
+
+    pipe = _sd3(t5=False) if family == "sd3-without-t5" else BUILDERS[family]()
+    model = load_pipeline(pipe, device="cpu")
+    prompts = ["a handwritten digit zero", "<b>Ünïcode & an unknown word</b>", ""]
+    parts = unpack(model.conditions(["a", "b", "c"], prompts=prompts), model._shapes())
+    with torch.no_grad():
+        if family == "sdxl":
+            hidden, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+            size = (model.resolution, model.resolution)
+            projection = pipe.text_encoder_2.config.projection_dim
+            time_ids = pipe._get_add_time_ids(size, (0, 0), size, torch.float32, text_encoder_projection_dim=projection)
+            expected = [hidden, pooled, time_ids.expand(len(prompts), 6)]
+        elif family == "pixart":
+            hidden, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=300)
+            expected = [hidden, mask.float()]
+            assert mask.sum(1).tolist()[0] == 5  # T5 pieces: 4 words and </s>
+        else:
+            hidden, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False)
+            expected = [hidden, pooled]
+            if family == "sd3-without-t5":  # T5's zero tokens are not stored, but reach the network
+                assert hidden[:, 16:].abs().sum() == 0
+                expected = [hidden[:, :16], pooled]
+                seen = {}
+                spy = lambda noisy, **inputs: seen.update(inputs) or type("Out", (), {"sample": noisy})  # noqa: E731
+                model.call_network(
+                    torch.zeros(3, 4, 8, 8), torch.zeros(3), model.conditions([0, 1, 2], prompts=prompts), network=spy
+                )
+                torch.testing.assert_close(seen["encoder_hidden_states"], hidden)
+    assert len(parts) == len(expected)
+    for part, want in zip(parts, expected):
+        torch.testing.assert_close(part, want.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_a_pipeline_missing_a_component_its_family_needs_is_named(fixtures, tmp_path):
     broken = tmp_path / "sdxl"
     shutil.copytree(fixtures["sdxl"], broken)
@@ -147,8 +188,7 @@ def test_a_lora_adapter_is_fused_through_the_pipelines_own_loader(family, fixtur
     from diffattr.models import load_pipeline
 
     pipeline_class = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline}[family]
-    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3" else {}
-    pipeline = pipeline_class.from_pretrained(fixtures[family], local_files_only=True, **without_t5)
+    pipeline = pipeline_class.from_pretrained(fixtures[family], local_files_only=True)
     network_name = "unet" if family == "sdxl" else "transformer"
     network = getattr(pipeline, network_name)
     network.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
