@@ -33,9 +33,9 @@ from .data import (
     ImageRecord,
     TrainingImages,
     file_digest,
+    image_file_bytes,
     load_image,
     open_training_images,
-    png_bytes,
     read_text,
 )
 from .denoisers import Denoiser
@@ -158,6 +158,17 @@ def _on_all_rows(rows: torch.Tensor, num_images: int, scores, after: LossMatrix,
     return spread(scores, float("-inf")), after, spread(deltas, nan)
 
 
+def _config(value, kind: type):
+    """An options group: the config object, a dict of its fields (validated alike), or the defaults."""
+    if value is None:
+        return kind()
+    if isinstance(value, dict):
+        return kind.from_dict(value)
+    if not isinstance(value, kind):
+        raise DiffattrError(f"expected a {kind.__name__} (or a dict of its fields), got {type(value).__name__}")
+    return value
+
+
 def _query_list(queries) -> list:
     """``attribute``'s queries as a list: one path, image or (C, H, W) tensor, a (B, C, H, W) batch, or a list."""
     if isinstance(queries, torch.Tensor):
@@ -235,14 +246,16 @@ class Attributor:
         self.data = open_training_images(train, columns)
         if model.is_text_conditioned and not allow_empty_captions:
             _require_captions(self.data)
+        if not isinstance(run_dir, (str, os.PathLike)):
+            raise DiffattrError(f"run_dir must be a folder path, got {type(run_dir).__name__}")
         self.run = RunDirectory(run_dir)
         root = self.data.root
         if root is not None and root.is_dir() and self.run.path.resolve().is_relative_to(root):
             # its query images would join the training set, and every later run would be refused
             raise DiffattrError(f"--run-dir {run_dir} is inside the training folder {root}: put it elsewhere")
-        self.scoring = scoring or ScoringConfig()
-        self.attribution = attribution or AttributionConfig()
-        self.gradient = gradient or GradientConfig()
+        self.scoring = _config(scoring, ScoringConfig)
+        self.attribution = _config(attribution, AttributionConfig)
+        self.gradient = _config(gradient, GradientConfig)
         self.clip = clip
         self.progress = progress and distributed.is_main()
         if max_image_pixels < 1:
@@ -492,6 +505,9 @@ class Attributor:
         Returns:
             One :class:`AttributionResult` per query, also written under ``<run-dir>/queries/``.
         """
+        for flag, value in (("--top-k", top_k), ("--candidates", candidates)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise DiffattrError(f"{flag} {value!r}: must be an integer")
         if top_k < 1:
             raise DiffattrError(f"--top-k {top_k}: must be at least 1")
         if method not in method_names():
@@ -530,7 +546,7 @@ class Attributor:
     def _query_path(self, query) -> Path:
         if isinstance(query, (str, os.PathLike)):
             return Path(query)
-        return self.run.save_input(png_bytes(query))
+        return self.run.save_input(*image_file_bytes(query))
 
     def _queries(self, paths: list[Path], labels, prompts) -> list[_Query]:
         labels = [self.data.class_index(label) for label in _one_per_query(labels, paths, "--label")]
@@ -755,7 +771,7 @@ class Attributor:
             DiffattrError: a saved audit has other settings, ``mislabeled`` on an unconditional
                 model, or a bad test folder.
         """
-        config = config or AuditConfig()
+        config = _config(config, AuditConfig)
         if mislabeled and self.model.num_classes is None:
             raise DiffattrError(
                 "--mislabeled needs a class-conditional model (num_class_embeds), and this one is unconditional: "

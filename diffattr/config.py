@@ -51,6 +51,22 @@ def _check(condition: bool, name: str, value, allowed: str) -> None:
         raise DiffattrError(f"{flag_name(name)} {value!r}: must be {allowed}")
 
 
+def _check_types(config) -> None:
+    """Each field of the type its flag parses (a config built in Python, or read from JSON): a
+    step count of 2.5 would never be reached, a grid of 3.5 timesteps index past the schedule."""
+    for spec in dataclasses.fields(config):
+        value, kind = getattr(config, spec.name), spec.metadata["type"]
+        if value is None and spec.default is None:
+            continue
+        if kind is float:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        _check(fits, spec.name, value, {int: "an integer", float: "a number", str: "a string"}.get(kind, kind.__name__))
+        if kind is float and isinstance(value, int):  # lr=1 and lr=1.0 are one setting, with one stamp
+            object.__setattr__(config, spec.name, float(value))
+
+
 def _check_finite(config, *names: str) -> None:
     """NaN or an infinity in these float fields would make every score NaN: refused up front."""
     for name in names:
@@ -108,6 +124,7 @@ class ScoringConfig(_JSONConfig):
     )
 
     def __post_init__(self):
+        _check_types(self)
         _check(1 <= self.num_timesteps <= 1000, "num_timesteps", self.num_timesteps, "between 1 and 1000")
         _check(1 <= self.num_draws <= 1000, "num_draws", self.num_draws, "between 1 and 1000")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "a non-negative integer below 2**63")
@@ -176,6 +193,7 @@ class AttributionConfig(_JSONConfig):
         return self.target_change is not None or self.null_stop is not None
 
     def __post_init__(self):
+        _check_types(self)
         _check_finite(self, "learning_rate", "query_weight", "null_stop", "ewc_weight")
         _check(self.direction in DIRECTIONS, "direction", self.direction, f"one of {DIRECTIONS}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"one of {tuple(OPTIMIZERS)}")
@@ -227,6 +245,7 @@ class GradientConfig(_JSONConfig):
     )
 
     def __post_init__(self):
+        _check_types(self)
         _check(not math.isnan(self.damping), "damping", self.damping, "a number (inf for no kernel)")
         _check(self.projection_dim >= 1, "projection_dim", self.projection_dim, "at least 1")
         _check(self.damping > 0, "damping", self.damping, "positive (inf for no kernel)")
@@ -260,6 +279,7 @@ class AuditConfig(_JSONConfig):
     replica_weight: float = _field(2.0, "score added to an image per doubling of the replicas attributed to it")
 
     def __post_init__(self):
+        _check_types(self)
         _check_finite(self, "alpha", "copy_tolerance", "gap_timesteps", "replica_weight")
         _check(0 <= self.samples <= 1_000_000, "samples", self.samples, "between 0 and 1000000")
         _check(0 <= self.sample_seed < 2**63, "sample_seed", self.sample_seed, "a non-negative integer")

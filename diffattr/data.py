@@ -126,7 +126,7 @@ def check_file_name(path: Path) -> None:
 
 def _metadata_lines(path: Path) -> list[str]:
     """The lines of a JSONL file, split on ``\n`` only: U+2028 and U+0085 may sit inside a caption."""
-    return [line.removesuffix("\r") for line in read_text(path).split("\n")]
+    return [line.removesuffix("\r") for line in read_text(path).removeprefix("\ufeff").split("\n")]
 
 
 def read_text(path: Path) -> str:
@@ -166,8 +166,13 @@ def _metadata_rows(path: Path):
                 raise DiffattrError(f"{where}: not a usable JSON line ({error})") from None
             yield where, row
     elif path.suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+        # A byte-order mark (a spreadsheet's UTF-8 export) is not part of the first column's name.
+        reader = csv.DictReader(io.StringIO(read_text(path).removeprefix("\ufeff"), newline=""))
         try:
+            header = reader.fieldnames or []
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:  # DictReader would keep the last such column, pandas and datasets the first
+                raise DiffattrError(f"{path}: the column {repeated[0]!r} is named twice in the header; rename one")
             for row in reader:  # every value a string; an empty cell is no value
                 yield f"{path}:{reader.line_num}", {key: value or None for key, value in row.items() if key is not None}
         except csv.Error as error:
@@ -305,8 +310,10 @@ class TrainingImages:
 
     def class_index(self, label: int | str | None) -> int | None:
         """A query's ``--label``: an integer, or one of this set's class names."""
-        if label is None or isinstance(label, int):
+        if label is None or (isinstance(label, int) and not isinstance(label, bool)):
             return label
+        if not isinstance(label, str):
+            raise DiffattrError(f"--label {label!r}: a label is an integer class index or a class name")
         if _integer_text(label):
             return int(label)
         if self.class_names is None or label not in self.class_names:
@@ -548,16 +555,36 @@ def to_pil(tensor: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
-def png_bytes(image) -> bytes:
-    """A PIL image, or a ``(C, H, W)`` tensor in ``[-1, 1]``, encoded as PNG (8-bit: a tensor is rounded)."""
+# Modes PNG holds as they are; a query object in another mode is kept as TIFF (I, F, CMYK, YCbCr,
+# LAB: read back by the file rules of ``load_image``) or converted to RGB (HSV, which neither holds).
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16"})
+_TIFF_MODES = frozenset({"I", "F", "CMYK", "YCbCr", "LAB"})
+
+
+def image_file_bytes(image) -> tuple[bytes, str]:
+    """A PIL image, or a ``(C, H, W)`` tensor in ``[-1, 1]``, encoded as an image file: its bytes
+    and suffix (``.png``, or ``.tif`` for modes PNG cannot hold; a tensor is rounded to 8 bits)."""
     if isinstance(image, torch.Tensor):
+        if image.numel() and not torch.isfinite(image).all():
+            raise DiffattrError("a query tensor holds NaN or infinite values")
+        if image.numel() and (image.min() < -1.001 or image.max() > 1.001):  # e.g. 0..255 or 0..1 pixels
+            low, high = float(image.min()), float(image.max())
+            raise DiffattrError(
+                f"a query tensor must hold values in [-1, 1], got {low:g} … {high:g}: scale 0–255 pixels by "
+                "x / 127.5 - 1 (or 0–1 ones by 2x - 1)"
+            )
         image = to_pil(image)
     if not isinstance(image, Image.Image):
         kind = type(image).__name__
         raise DiffattrError(f"a query must be an image path, a PIL image or a (C, H, W) tensor, got {kind}")
+    if image.width == 0 or image.height == 0:
+        raise DiffattrError(f"a query image of {image.width}×{image.height} pixels holds nothing to attribute")
+    kind = "TIFF" if image.mode in _TIFF_MODES else "PNG"
+    if image.mode not in _PNG_MODES | _TIFF_MODES:
+        image = image.convert("RGB")
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    image.save(buffer, format=kind)
+    return buffer.getvalue(), ".tif" if kind == "TIFF" else ".png"
 
 
 def save_image(tensor: torch.Tensor, path: str | os.PathLike) -> None:

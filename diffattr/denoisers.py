@@ -281,11 +281,13 @@ def class_labels(ids: list[str], labels: list[int | None] | None, num_classes: i
     """Long tensor ``(B,)`` of class labels, each checked against the model's classes."""
     labels = labels or [None] * len(ids)
     for label, image_id in zip(labels, ids):
-        if label is None or not 0 <= label < num_classes:
+        if label is None:
             raise DiffattrError(
-                f"{image_id}: label {label!r} is not a class of this model (0..{num_classes - 1}); "
-                "give every image a `label` in metadata.jsonl, and queries --label"
+                f"{image_id}: no class label, and this model is class-conditional (0..{num_classes - 1}): "
+                "give queries --label, and training images a label (a metadata label column, or class sub-folders)"
             )
+        if not 0 <= label < num_classes:
+            raise DiffattrError(f"{image_id}: label {label!r} is not a class of this model (0..{num_classes - 1})")
     return torch.tensor(labels, dtype=torch.long)
 
 

@@ -21,7 +21,7 @@ import torch
 from .errors import DiffattrError
 from .files import atomic_write
 from .gallery import open_run, ranked_entries
-from .store import write_tensors
+from .store import RunDirectory, write_tensors
 
 FORMATS = ("csv", "jsonl", "parquet")
 COLUMNS = ("query", "query_id", "method", "prompt", "label", "rank", "id", "score", "caption")
@@ -76,6 +76,14 @@ def export(
     out = Path(out).expanduser()
     if out.is_dir():
         raise DiffattrError(f"--out {out} is a folder; give a file name, e.g. {out / ('results.' + fmt)}")
+    matrix_path = out.with_name(out.stem + "-scores.safetensors")
+    store = RunDirectory(Path(run_dir).expanduser())
+    for path in (out, matrix_path):
+        if store.owns(path):
+            raise DiffattrError(
+                f"--out {out}: {path} is a file of the run directory, or inside one of its folders; "
+                f"write the export elsewhere, or directly in {run_dir} under another name"
+            )
     rows, matrix = result_rows(run_dir, top_k=top_k, train=train)
     if fmt == "csv":
         buffer = io.StringIO(newline="")
@@ -94,7 +102,6 @@ def export(
             raise DiffattrError("--format parquet needs pyarrow: pip install 'diffattr[hf]'") from None
         table = pyarrow.Table.from_pylist(rows) if rows else pyarrow.table({name: [] for name in COLUMNS})
         atomic_write(out, lambda temporary: pyarrow.parquet.write_table(table, temporary))
-    matrix_path = out.with_name(out.stem + "-scores.safetensors")
     metadata = {"ids": json.dumps(matrix["ids"]), "queries": json.dumps(matrix["queries"])}
     write_tensors(matrix_path, {"scores": matrix["scores"].contiguous()}, metadata)
     return out, matrix_path

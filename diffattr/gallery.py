@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .data import Columns, ImageRecord, TrainingImages, file_digest, is_dataset_table, load_image, open_training_images
 from .errors import DiffattrError
 from .files import atomic_write
+from .names import visible
 from .store import AUDIT_REPORT_FILE, CONFIG_FILE, RunDirectory, ids_digest
 
 DEFAULT_AUDIT_ENTRIES = 50
@@ -318,6 +319,8 @@ def open_run(run_dir: Path, train: Path | TrainingImages | object | None) -> _Ru
         )
     ids, timesteps = store.read_ids(), store.read_timesteps()
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    if ids is None and "ids_digest" in data:  # every ranking would be read without the row order it needs
+        raise DiffattrError(f"{store.file('ids.json')} is missing; delete the run directory and rerun")
     if ids is not None and "ids_digest" in data and ids_digest(ids) != data["ids_digest"]:
         raise DiffattrError(
             f"{store.file('ids.json')} does not list the run's training images; delete the run directory"
@@ -448,6 +451,8 @@ def _environment() -> Environment:
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        # Captions and prompts are data: their control characters are shown, not passed to the page.
+        finalize=lambda value: visible(value) if type(value) is str else value,
     )
     environment.filters["number"] = format_number
     environment.filters["value"] = format_value

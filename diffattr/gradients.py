@@ -155,7 +155,7 @@ def projected_gradients(
     """
     function = _FUNCTIONS[method]
     device = model.device
-    params = [p for _, p in select_parameters(model, config.gradient_params)]
+    params = [p for _, p in select_parameters(model, config.gradient_params, flag="--gradient-params")]
     num_params = sum(p.numel() for p in params)
     projector = _projector(num_params, config.projection_dim, seed, device, config.projection)
     grid = timesteps.to(device)

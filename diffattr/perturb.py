@@ -36,7 +36,7 @@ _KNOWN_SETS = {name for family in DENOISERS.values() for name in family.paramete
 
 
 def select_parameters(
-    model: Denoiser, which: str, network: torch.nn.Module | None = None
+    model: Denoiser, which: str, network: torch.nn.Module | None = None, *, flag: str = "--params"
 ) -> list[tuple[str, torch.nn.Parameter]]:
     """The named parameters of ``network`` (default: the model's) that move: ``all``, one of the
     family's named sets (``attention``, ``mucs``, ``cross-attention-kv``), ``lora`` (the projections a fresh
@@ -47,13 +47,13 @@ def select_parameters(
     if which == "lora":
         chosen = [(n, p) for n, p in named if any(f".{t}.weight" in f".{n}" for t in model.lora_targets)]
         if not chosen:
-            raise DiffattrError("--params lora: this UNet has no attention projections (to_q/to_k/to_v) to adapt")
+            raise DiffattrError(f"{flag} lora: this network has no attention projections (to_q/to_k/to_v) to adapt")
         return chosen
     pattern = re.compile(model.parameter_groups.get(which, which))
     chosen = [(name, p) for name, p in named if pattern.search(name)]
     if not chosen:
         hint = " (text-to-image UNets have cross-attention; this one has none)" if which in _KNOWN_SETS else ""
-        raise DiffattrError(f"--params {which!r} matches no parameter of this UNet{hint}")
+        raise DiffattrError(f"{flag} {which!r} matches no parameter of this network{hint}")
     return chosen
 
 

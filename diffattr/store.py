@@ -263,6 +263,12 @@ class RunDirectory:
             config = read_json(path, advice=redo)
             if not isinstance(config, dict):
                 raise DiffattrError(f"{path}: expected a JSON object; {redo}")
+            if not all(section in config for section in ("model", "data", "scoring")):
+                # e.g. a model folder's own config.json: adding a run's sections to it would change the model
+                raise DiffattrError(
+                    f"{path} is not a diffattr run's config.json (no model, data and scoring sections): "
+                    f"--run-dir {self.path} is another program's folder; use a new --run-dir"
+                )
             for section in (*CHECKED_SECTIONS, "versions"):
                 if section in config and not isinstance(config[section], dict):
                     raise DiffattrError(f"{path}: section {section!r} is not a JSON object; {redo}")
@@ -507,21 +513,34 @@ class RunDirectory:
 
     def _result_stamp(self, record: dict, folder: Path) -> str:
         """The stamp of one query's files: the run's (with the attribution settings for a
-        Forward-INF result; a baseline's does not depend on them), the query folder's name and the
-        digest of its ``query.png``, so that files moved between query folders are refused."""
+        Forward-INF result; a baseline's does not depend on them), the query folder's name, the
+        digest of its ``query.png`` and that of the record itself (its ranking, prompt, label), so
+        that files moved between query folders, and edited results, are refused."""
         image = folder / QUERY_IMAGE_FILE
         if not present(image):
             raise DiffattrError(f"{image} is missing; delete the folder {folder} to recompute the query")
         digest = hashlib.sha256(image.read_bytes()).hexdigest()
+        unstamped = {key: value for key, value in record.items() if key != "stamp"}
+        content = hashlib.sha256(json.dumps(unstamped, sort_keys=True).encode()).hexdigest()
         run = self.stamp_of(with_attribution=record.get("method") == "forward-inf")
-        return hashlib.sha256(f"{run}/{folder.name}/{digest}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{run}/{folder.name}/{digest}/{content}".encode()).hexdigest()[:16]
 
-    def save_input(self, png: bytes) -> Path:
-        """Keeps a query given as an object as a PNG file named by its content (once per content)."""
-        path = self.path / INPUTS_DIR / f"image-{hashlib.sha256(png).hexdigest()[:16]}.png"
+    def save_input(self, content: bytes, suffix: str = ".png") -> Path:
+        """Keeps a query given as an object as an image file named by its content (once per content)."""
+        path = self.path / INPUTS_DIR / f"image-{hashlib.sha256(content).hexdigest()[:16]}{suffix}"
         if not present(path):
-            atomic_write(path, lambda temporary: Path(temporary).write_bytes(png))
+            atomic_write(path, lambda temporary: Path(temporary).write_bytes(content))
         return path
+
+    def owns(self, path: Path) -> bool:
+        """Whether ``path`` is, or could become, a file of this run directory (a report written
+        there would overwrite or join it): anything in its folders, and its own file names."""
+        try:
+            relative = Path(path).expanduser().resolve().relative_to(self.path.resolve())
+        except ValueError:
+            return False
+        own = {CONFIG_FILE, IDS_FILE, BASELINE_FILE, CALIBRATION_FILE, NULL_LOSS_FILE, LOCK_FILE}
+        return len(relative.parts) != 1 or relative.name in own or relative.name.startswith(FISHER_PREFIX)
 
     def query_folders(self) -> list[Path]:
         """The folders of every finished query, sorted by name."""
@@ -531,8 +550,8 @@ class RunDirectory:
         return sorted(p for p in folder.iterdir() if (p / RESULT_FILE).is_file())
 
     def load_result(self, folder: Path, num_images: int | None) -> tuple[dict, dict[str, torch.Tensor]]:
-        """A query folder's ``result.json`` and its tensors (empty when there are none), refused
-        unless both were computed under this run's settings; ``scores`` is ``(N,)``."""
+        """A query folder's ``result.json`` and its tensors, refused unless both were computed
+        under this run's settings (and neither was edited); ``scores`` is ``(N,)``."""
         source = folder / RESULT_FILE
         value = read_json(source)  # once: which stamp it must carry depends on its method
         if not isinstance(value, dict):
@@ -542,7 +561,9 @@ class RunDirectory:
         scores = folder / SCORES_FILE
         # −inf: an image a --candidates query left out
         expected = {"scores": Expected((num_images,), finite=False)}
-        tensors = self.load_tensors(scores, expected, stamp=stamp) if present(scores) else {}
+        if not present(scores):  # the ranking of result.json alone would stand unchecked beside other queries'
+            raise DiffattrError(f"{scores} is missing; delete the folder {folder} to recompute the query")
+        tensors = self.load_tensors(scores, expected, stamp=stamp)
         if tensors and (tensors["scores"] == float("inf")).any():
             raise DiffattrError(f"{scores}: 'scores' holds +inf; delete the folder to recompute")
         return result, tensors

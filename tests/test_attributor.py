@@ -89,7 +89,7 @@ def test_class_conditional_model_uses_labels(tmp_path, tiny_data):
     (result,) = attributor.attribute(tiny_data / "a" / "img_000.png", labels=0)
     assert torch.isfinite(result.scores).all()
     assert attributor.encodings()[1].tolist() == [0, 2, 1, 0, 2, 1, 1, 0, 2, 1, 0, 2]
-    with pytest.raises(DiffattrError, match="label None is not a class of this model"):
+    with pytest.raises(DiffattrError, match="no class label, and this model is class-conditional"):
         _attributor(model_dir, tiny_data, tmp_path / "other").attribute(tiny_data / "a" / "img_000.png")
     assert not (tmp_path / "other" / "baseline.safetensors").exists()  # refused before the long pass
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffattr import AttributionConfig, Attributor, DiffattrError, ScoringConfig
 from diffattr.cli import main
@@ -79,9 +80,13 @@ def build_run(root: Path, tiny_model: Path) -> dict:
         progress=False,
     )
     results = attributor.attribute([data / HOSTILE_ID, data / "a" / "img_000.png"], top_k=7)
-    first = run_dir / "queries" / results[0].query_id / "result.json"
-    write_json(first, {**read_json(first), "prompt": HOSTILE, "method": "forward-inf"})  # its stamp kept
+    # A hostile prompt (the toy model takes none), re-stamped as diffattr stamps a result it writes.
     store = RunDirectory(run_dir)
+    folder = run_dir / "queries" / results[0].query_id
+    record = {key: value for key, value in read_json(folder / "result.json").items() if key != "stamp"}
+    tensors = load_file(folder / "scores.safetensors")
+    pixels = load_image(folder / "query.png", channels=1, resolution=8)
+    store.save_result(results[0].query_id, {**record, "prompt": HOSTILE, "method": "forward-inf"}, tensors, pixels)
     audit = run_dir / "audit"
     _png(audit / "replicas" / "0003.png", seed=3)
     _png(audit / "replicas" / "<b>7</b>.png", seed=7)
@@ -210,7 +215,8 @@ def test_hostile_captions_file_names_and_prompts_show_as_text(run, gallery):
 
 def test_zero_queries(tmp_path):
     run_dir = tmp_path / "run"
-    write_json(run_dir / "config.json", {"data": {"root": str(tmp_path / "gone"), "num_images": 3}})
+    config = {"model": {}, "data": {"root": str(tmp_path / "gone"), "num_images": 3}, "scoring": {}}
+    write_json(run_dir / "config.json", config)
     index = write_gallery(run_dir, progress=False)
     assert index == run_dir / "gallery" / "index.html"
     page = Page(index)
@@ -224,7 +230,7 @@ def write_run(run_dir: Path, data: Path, *, num_queries: int, top: int, seed=0) 
     generator = torch.Generator().manual_seed(seed)
     timesteps = torch.tensor([5, 15, 25, 35, 45, 55, 65, 75, 85, 95])
     store = RunDirectory(run_dir)
-    store.check_or_write_config({"data": {"root": str(data), "num_images": len(ids)}})
+    store.check_or_write_config({"model": {}, "data": {"root": str(data), "num_images": len(ids)}, "scoring": {}})
     write_json(run_dir / "ids.json", ids)
     store.save_tensors(run_dir / "baseline.safetensors", {"baseline": torch.rand(len(ids), 10), "timesteps": timesteps})
     query_ids = []
@@ -349,9 +355,9 @@ def test_names_that_leave_their_folder_are_refused(run, tmp_path):
     result_file = next((run_dir / "queries").glob("*/result.json"))
     result = read_json(result_file)
     result["top"][0]["id"] = "../../outside.png"
-    write_json(result_file, result)  # its stamp kept: the ranks come from the stamped scores and ids.json
-    pages = write_gallery(run_dir, progress=False).parent
-    assert not any("outside.png" in page.read_text() for page in pages.glob("*.html"))
+    write_json(result_file, result)  # its stamp kept, but it no longer matches the edited record
+    with pytest.raises(DiffattrError, match="computed under other settings"):
+        write_gallery(run_dir, progress=False)
 
 
 def test_missing_training_folder_shows_placeholders_and_train_flag_fixes_it(run, tmp_path):

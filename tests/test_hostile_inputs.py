@@ -571,8 +571,8 @@ def test_probe_a_result_with_fields_of_the_wrong_type_is_no_traceback(capsys, ru
     (result,) = (run_dir / "queries").glob("*/result.json")
     record = json.loads(result.read_text())
     result.write_text(json.dumps({**record, "config": 5, "timings": [1]}))
-    code, err = cli(capsys, "gallery", "--run-dir", run_dir, "--quiet")
-    assert code == 0, err
+    # An edited result is refused (the stamp covers its fields), in one line.
+    one_line_error(capsys, "gallery", "--run-dir", run_dir, "--quiet", match="computed under other settings")
 
 
 def test_probe_replicas_of_another_run_are_refused(capsys, tmp_path, tiny_model, tiny_data):
@@ -641,8 +641,7 @@ def test_reprobe_a_result_whose_top_is_not_a_list_is_no_traceback(capsys, run_di
     assert cli(capsys, "attribute", *common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", query))[0] == 0
     (result,) = (run_dir / "queries").glob("*/result.json")
     result.write_text(json.dumps({**json.loads(result.read_text()), "top": 5}))
-    code, err = cli(capsys, "gallery", "--run-dir", run_dir, "--quiet")
-    assert code == 0, err
+    one_line_error(capsys, "gallery", "--run-dir", run_dir, "--quiet", match="computed under other settings")
 
 
 def test_reprobe_a_flag_of_the_wrong_type_is_one_line(capsys, tmp_path, tiny_model, tiny_data):
@@ -656,15 +655,16 @@ def test_last_probe_the_gallery_ranks_by_the_stamped_scores(capsys, tmp_path, ru
     (result,) = (run_dir / "queries").glob("*/result.json")
     record = json.loads(result.read_text())
     truth = [entry["id"] for entry in record["top"]]
-    edited = [{**entry, "text": "edited"} for entry in record["top"][::-1]]  # the stamp is left in place
-    result.write_text(json.dumps({**record, "top": edited}))
     out = tmp_path / "site"
     code, err = cli(capsys, "gallery", "--run-dir", run_dir, "--out", out, "--quiet")
     assert code == 0, err
     (page,) = out.glob("query-*.html")
     html = page.read_text().split("</dl>", 1)[1]  # the ranked images, after the query's facts
     positions = [html.index(image_id) for image_id in truth]
-    assert positions == sorted(positions) and "edited" not in html
+    assert positions == sorted(positions)
+    edited = [{**entry, "text": "edited"} for entry in record["top"][::-1]]  # the stamp is left in place
+    result.write_text(json.dumps({**record, "top": edited}))
+    one_line_error(capsys, "gallery", "--run-dir", run_dir, "--out", out, "--quiet", match="other settings")
 
 
 def test_last_probe_a_folder_in_an_artifacts_place_is_named(capsys, run_dir, tiny_model, tiny_data):
@@ -810,3 +810,163 @@ def test_final_probe_the_gallery_shows_queries_per_pass_as_a_count(capsys, tmp_p
     assert cli(capsys, "gallery", "--run-dir", run_dir, "--out", out, "--quiet")[0] == 0
     (page,) = out.glob("query-*.html")
     assert "<dt>queries per pass</dt><dd>1</dd>" in page.read_text() and "per pass time" not in page.read_text()
+
+
+# -- the second independent probe (stop 24) -------------------------------------------------------
+
+
+@pytest.fixture
+def attributed(capsys, run_dir, tiny_model, tiny_data) -> tuple[Path, Path]:
+    """A run directory with one Forward-INF query, and that query's folder."""
+    query = tiny_data / "a" / "img_000.png"
+    assert cli(capsys, "attribute", *common(tiny_model, tiny_data, run_dir, *PERTURB, "--query", query))[0] == 0
+    (folder,) = (run_dir / "queries").iterdir()
+    return run_dir, folder
+
+
+@pytest.mark.parametrize("field", ["top", "prompt", "label", "query"])
+def test_second_probe_an_edited_result_is_refused_by_export_and_gallery(capsys, tmp_path, attributed, field):
+    run_dir, folder = attributed
+    record = json.loads((folder / "result.json").read_text())
+    edited = {"top": [{**record["top"][0], "score": 12345.0}], "prompt": "EDITED", "label": 7, "query": "/etc/passwd"}
+    write_json(folder / "result.json", {**record, field: edited[field]})
+    for verb in (["export", "--out", tmp_path / "rows.csv"], ["gallery", "--out", tmp_path / "site", "--quiet"]):
+        one_line_error(capsys, verb[0], "--run-dir", run_dir, *verb[1:], match="computed under other settings")
+    assert not (tmp_path / "rows.csv").exists()
+
+
+def test_second_probe_a_missing_scores_file_or_ids_json_is_refused(capsys, tmp_path, attributed):
+    run_dir, folder = attributed
+    ids = (run_dir / "ids.json").read_bytes()
+    (run_dir / "ids.json").unlink()
+    one_line_error(capsys, "export", "--run-dir", run_dir, "--out", tmp_path / "a.csv", match="ids.json is missing")
+    (run_dir / "ids.json").write_bytes(ids)
+    (folder / "scores.safetensors").unlink()
+    one_line_error(
+        capsys, "export", "--run-dir", run_dir, "--out", tmp_path / "b.csv", match="scores.safetensors is missing"
+    )
+    one_line_error(capsys, "gallery", "--run-dir", run_dir, "--quiet", match="scores.safetensors is missing")
+
+
+@pytest.mark.parametrize("target", ["config.json", "ids.json", "queries/x.csv", "encodings/rows.csv", "audit.csv"])
+def test_second_probe_export_never_writes_over_the_run_directorys_files(capsys, attributed, target):
+    run_dir, folder = attributed
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+    out = run_dir / target if target != "audit.csv" else folder / "result.csv"
+    one_line_error(capsys, "export", "--run-dir", run_dir, "--out", out, match="is a file of the run directory")
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+    assert cli(capsys, "export", "--run-dir", run_dir, "--out", run_dir / "rows.csv")[0] == 0  # beside them: fine
+
+
+def test_second_probe_a_folder_with_another_programs_config_json_is_not_a_run_directory(
+    capsys, tmp_path, tiny_model, tiny_data
+):
+    model_copy = tmp_path / "model"
+    shutil.copytree(tiny_model, model_copy)
+    unet_config = (model_copy / "unet" / "config.json").read_bytes()
+    one_line_error(
+        capsys,
+        "cache",
+        *common(model_copy, tiny_data, model_copy / "unet"),
+        match="is not a diffattr run's config.json",
+    )
+    assert (model_copy / "unet" / "config.json").read_bytes() == unet_config
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"my": "settings"}')
+    one_line_error(capsys, "cache", *common(tiny_model, tiny_data, tmp_path / "other"), match="another program's")
+    assert json.loads((tmp_path / "other" / "config.json").read_text()) == {"my": "settings"}
+
+
+def test_second_probe_class_folders_mixing_integers_and_names_are_refused(capsys, tmp_path, tiny_model):
+    for folder in ("2", "cat"):
+        for i in range(2):
+            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "data" / folder / f"{i}.png")
+    one_line_error(
+        capsys, "cache", *common(tiny_model, tmp_path / "data", tmp_path / "run"), match="labels mix integers"
+    )
+
+
+def test_second_probe_csv_headers_named_twice_are_refused_and_a_byte_order_mark_is_read(tmp_path, tiny_data):
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_data, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").unlink()
+    body = "".join(f"{row['file_name']},{row['label']},{(row['label'] + 1) % 3}\n" for row in rows)
+    (folder / "metadata.csv").write_text("file_name,label,label\n" + body)
+    with pytest.raises(DiffattrError, match="'label' is named twice"):
+        ImageFolder(folder)
+    (folder / "metadata.csv").write_text(
+        "\ufefffile_name,label\n" + "".join(line.rsplit(",", 1)[0] + "\n" for line in body.splitlines())
+    )
+    assert [record.label for record in ImageFolder(folder).records] == [
+        row["label"] for row in sorted(rows, key=lambda r: r["file_name"])
+    ]
+
+
+def test_second_probe_python_api_values_of_the_wrong_type_are_one_clear_error(tmp_path, tiny_model, tiny_data):
+    from diffattr import AttributionConfig, Attributor, ScoringConfig
+
+    with pytest.raises(DiffattrError, match="--steps 2.5: must be an integer"):
+        AttributionConfig(steps=2.5)  # it never equalled the step count: the perturbation looped forever
+    with pytest.raises(DiffattrError, match="--timesteps 3.5: must be an integer"):
+        ScoringConfig(num_timesteps=3.5)
+    with pytest.raises(DiffattrError, match="--lr 'x': must be a number"):
+        AttributionConfig(learning_rate="x")
+    assert AttributionConfig(learning_rate=1).to_dict() == AttributionConfig(learning_rate=1.0).to_dict()
+    with pytest.raises(DiffattrError, match="run_dir must be a folder path"):
+        Attributor(tiny_model, tiny_data, None)
+    attributor = Attributor(
+        tiny_model, tiny_data, tmp_path / "run", scoring={"num_timesteps": 3}, device="cpu", progress=False
+    )
+    assert attributor.scoring == ScoringConfig(num_timesteps=3)
+    query = tiny_data / "a" / "img_000.png"
+    for kwargs, match in [
+        ({"top_k": 2.5}, "--top-k 2.5: must be an integer"),
+        ({"candidates": 2.5}, "--candidates 2.5: must be an integer"),
+        ({"labels": 1.5}, "--label 1.5: a label is an integer"),
+    ]:
+        with pytest.raises(DiffattrError, match=match):
+            attributor.attribute(query, **kwargs)
+    pixels = torch.zeros(1, 8, 8)
+    for bad, match in [
+        (pixels.clone().fill_(float("nan")), "NaN or infinite"),
+        (pixels.clone().fill_(255.0), r"values in \[-1, 1\], got 255"),
+        (Image.new("L", (0, 0)), "0×0 pixels"),
+    ]:
+        with pytest.raises(DiffattrError, match=match):
+            attributor.attribute(bad)
+    assert not (tmp_path / "run" / "baseline.safetensors").exists()  # all refused before the long pass
+
+
+@pytest.mark.parametrize("mode", ["I", "F", "CMYK", "YCbCr", "LAB", "HSV"])
+def test_second_probe_a_query_object_in_any_pil_mode_is_kept_and_read(tmp_path, mode):
+    from diffattr.data import image_file_bytes
+
+    ramp = np.stack([*np.meshgrid(np.arange(8) * 30, np.arange(8) * 20), np.full((8, 8), 90)], -1).astype(np.uint8)
+    image = Image.fromarray(ramp, mode="RGB")
+    converted = image.convert("L").convert(mode) if mode in ("I", "F") else image.convert(mode)
+    content, suffix = image_file_bytes(converted)  # PNG cannot hold these modes: raised OSError before
+    assert suffix == (".png" if mode == "HSV" else ".tif")
+    path = tmp_path / f"query{suffix}"
+    path.write_bytes(content)
+    pixels = load_image(path, channels=3, resolution=8)
+    assert pixels.shape == (3, 8, 8) and torch.isfinite(pixels).all()
+    assert mode in ("I", "F") or pixels.std() > 0.1  # colour modes keep their picture
+
+
+def test_second_probe_control_characters_of_captions_and_prompts_are_shown_not_written(
+    capsys, tmp_path, tiny_model, tiny_data
+):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["text"] = "nul\x00bell\x07esc\x1b[31m rtl\u202eabc"
+    (data / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = common(tiny_model, data, tmp_path / "captions", *PERTURB, "--query", data / rows[0]["file_name"])
+    code, err = cli(capsys, "attribute", *args)
+    assert code == 0, err
+    assert cli(capsys, "gallery", "--run-dir", tmp_path / "captions", "--quiet")[0] == 0
+    html = "".join(page.read_text() for page in (tmp_path / "captions" / "gallery").glob("*.html"))
+    assert "nul\\u0000bell\\u0007esc\\u001b[31m rtl\\u202eabc" in html
+    assert not any(character in html for character in "\x00\x07\x1b\u202e")

@@ -3,7 +3,10 @@ before the restructure into one engine and one store (``tests/data/regression_sc
 
 Pinned: one held-out digit attributed over all 720 training images with Forward-INF (the default
 ``calibrated`` aggregation and ``--aggregation loss``), pixel ℓ2 and D-TRAK (d = 64). A change in
-any score beyond 1e-6 (relative to the vector's largest score) is a change of behaviour.
+any score beyond 1e-4 of the vector's largest score is a change of behaviour (the last real change,
+re-keyed query noise, moved the ranking's Spearman to 0.95–0.98). Below that is float
+rounding: the same commit that matched the pins on CI's machine moved Forward-INF's and D-TRAK's
+scores by up to 1.7e-5 of it on another machine (kernels summing in another order), ranking identical.
 
 Regenerate (only for an intended change of the numbers, said so in the commit):
 ``python tests/test_regression.py``
@@ -56,7 +59,7 @@ def test_scores_match_the_pinned_vectors(toy_run_dir, tmp_path):
     assert set(scores) == set(pins)
     for method, expected in pins.items():
         scale = expected.abs().max().item()
-        torch.testing.assert_close(scores[method], expected, rtol=0, atol=1e-6 * scale, msg=method)
+        torch.testing.assert_close(scores[method], expected, rtol=0, atol=1e-4 * scale, msg=method)
 
 
 def _read_pins() -> dict[str, torch.Tensor]:
