@@ -236,6 +236,7 @@ class Attributor:
         allow_empty_captions: bool = False,
     ):
         distributed.setup()  # launched by torchrun / accelerate: join the other processes first
+        model_dir = Path(model).expanduser().resolve() if isinstance(model, (str, os.PathLike)) else None
         if isinstance(model, (str, os.PathLike)):
             model = Denoiser.from_pretrained(model, scheduler=scheduler, lora=lora, variant=variant, device=device)
         elif not isinstance(model, Denoiser):  # a loaded diffusers pipeline
@@ -253,6 +254,9 @@ class Attributor:
         if root is not None and root.is_dir() and self.run.path.resolve().is_relative_to(root):
             # its query images would join the training set, and every later run would be refused
             raise DiffattrError(f"--run-dir {run_dir} is inside the training folder {root}: put it elsewhere")
+        if model_dir is not None and self.run.path.resolve().is_relative_to(model_dir):
+            # its files would join the model's, whose fingerprint would then change under the run
+            raise DiffattrError(f"--run-dir {run_dir} is inside the model folder {model_dir}: put it elsewhere")
         self.scoring = _config(scoring, ScoringConfig)
         self.attribution = _config(attribution, AttributionConfig)
         self.gradient = _config(gradient, GradientConfig)

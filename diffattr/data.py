@@ -565,6 +565,10 @@ def image_file_bytes(image) -> tuple[bytes, str]:
     """A PIL image, or a ``(C, H, W)`` tensor in ``[-1, 1]``, encoded as an image file: its bytes
     and suffix (``.png``, or ``.tif`` for modes PNG cannot hold; a tensor is rounded to 8 bits)."""
     if isinstance(image, torch.Tensor):
+        if image.device.type == "meta" or image.is_complex():
+            raise DiffattrError(
+                f"a query tensor must hold real pixel values, got a {image.dtype} tensor on {image.device}"
+            )
         if image.numel() and not torch.isfinite(image).all():
             raise DiffattrError("a query tensor holds NaN or infinite values")
         if image.numel() and (image.min() < -1.001 or image.max() > 1.001):  # e.g. 0..255 or 0..1 pixels
@@ -580,10 +584,15 @@ def image_file_bytes(image) -> tuple[bytes, str]:
     if image.width == 0 or image.height == 0:
         raise DiffattrError(f"a query image of {image.width}×{image.height} pixels holds nothing to attribute")
     kind = "TIFF" if image.mode in _TIFF_MODES else "PNG"
-    if image.mode not in _PNG_MODES | _TIFF_MODES:
-        image = image.convert("RGB")
-    buffer = io.BytesIO()
-    image.save(buffer, format=kind)
+    try:
+        if image.mode in _SIXTEEN_BIT_MODES and image.mode != "I;16":  # another byte order: the same values
+            image = Image.fromarray(np.asarray(image).astype(np.uint16))
+        elif image.mode not in _PNG_MODES | _TIFF_MODES:
+            image = image.convert("RGB")
+        buffer = io.BytesIO()
+        image.save(buffer, format=kind)
+    except (ValueError, OSError) as error:  # e.g. a closed image
+        raise DiffattrError(f"a query image could not be encoded ({error})") from None
     return buffer.getvalue(), ".tif" if kind == "TIFF" else ".png"
 
 

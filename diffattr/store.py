@@ -194,7 +194,8 @@ def _check_stamp(path: Path, found: str | None, stamp: str) -> None:
     if found != stamp:
         raise DiffattrError(
             f"{path} was computed under other settings than the run directory's {CONFIG_FILE} (another model, "
-            "data set or scoring grid, or an older diffattr): delete it to recompute, or use a new --run-dir"
+            "data set or scoring grid, or an older diffattr), or edited since: delete it to recompute, or use a "
+            "new --run-dir"
         )
 
 
@@ -204,6 +205,16 @@ def _unstamped(path: Path, value, stamp: str) -> dict:
         raise DiffattrError(f"{path}: expected a JSON object; delete it to recompute")
     _check_stamp(path, value.get("stamp"), stamp)
     return {key: item for key, item in value.items() if key != "stamp"}
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors' names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}/{tensor.dtype}/{tuple(tensor.shape)}/".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def ids_digest(ids: list[str]) -> str:
@@ -507,6 +518,7 @@ class RunDirectory:
 
         folder = self.query_dir(query_id)
         save_image(query_image, folder / QUERY_IMAGE_FILE)  # first: the stamp holds its digest
+        record = {**record, "tensors_sha256": tensors_digest(tensors)}  # the stamp covers the record, so these too
         stamp = self._result_stamp(record, folder)
         self.save_tensors(folder / SCORES_FILE, tensors, stamp=stamp)
         self.save_json(folder / RESULT_FILE, record, stamp=stamp)
@@ -564,6 +576,8 @@ class RunDirectory:
         if not present(scores):  # the ranking of result.json alone would stand unchecked beside other queries'
             raise DiffattrError(f"{scores} is missing; delete the folder {folder} to recompute the query")
         tensors = self.load_tensors(scores, expected, stamp=stamp)
+        if result.get("tensors_sha256") != tensors_digest(tensors):
+            _check_stamp(scores, None, stamp)  # its numbers were edited, its stamp kept
         if tensors and (tensors["scores"] == float("inf")).any():
             raise DiffattrError(f"{scores}: 'scores' holds +inf; delete the folder to recompute")
         return result, tensors

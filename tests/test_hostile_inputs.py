@@ -861,16 +861,11 @@ def test_second_probe_export_never_writes_over_the_run_directorys_files(capsys, 
 def test_second_probe_a_folder_with_another_programs_config_json_is_not_a_run_directory(
     capsys, tmp_path, tiny_model, tiny_data
 ):
-    model_copy = tmp_path / "model"
-    shutil.copytree(tiny_model, model_copy)
-    unet_config = (model_copy / "unet" / "config.json").read_bytes()
-    one_line_error(
-        capsys,
-        "cache",
-        *common(model_copy, tiny_data, model_copy / "unet"),
-        match="is not a diffattr run's config.json",
-    )
-    assert (model_copy / "unet" / "config.json").read_bytes() == unet_config
+    unet = tmp_path / "unet"  # a model's own folder (inside the model folder it is refused as such)
+    shutil.copytree(tiny_model / "unet", unet)
+    unet_config = (unet / "config.json").read_bytes()
+    one_line_error(capsys, "cache", *common(tiny_model, tiny_data, unet), match="is not a diffattr run's config.json")
+    assert (unet / "config.json").read_bytes() == unet_config
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"my": "settings"}')
     one_line_error(capsys, "cache", *common(tiny_model, tiny_data, tmp_path / "other"), match="another program's")
@@ -970,3 +965,53 @@ def test_second_probe_control_characters_of_captions_and_prompts_are_shown_not_w
     html = "".join(page.read_text() for page in (tmp_path / "captions" / "gallery").glob("*.html"))
     assert "nul\\u0000bell\\u0007esc\\u001b[31m rtl\\u202eabc" in html
     assert not any(character in html for character in "\x00\x07\x1b\u202e")
+
+
+# -- the re-probe of the second probe's fixes -----------------------------------------------------
+
+
+def test_reprobe_edited_scores_with_their_stamp_kept_are_refused(capsys, tmp_path, attributed):
+    from safetensors.torch import save_file as save
+
+    run_dir, folder = attributed
+    path = folder / "scores.safetensors"
+    with safe_open(path, "pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}
+    tensors["scores"][3] = 99.0
+    save(tensors, path, metadata=metadata)
+    one_line_error(capsys, "export", "--run-dir", run_dir, "--out", tmp_path / "x.csv", match="or edited since")
+    one_line_error(capsys, "gallery", "--run-dir", run_dir, "--quiet", match="scores.safetensors was computed")
+
+
+def test_reprobe_a_run_directory_inside_the_model_folder_is_refused(capsys, tmp_path, tiny_model, tiny_data):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    for run in (model / "scheduler", model):
+        one_line_error(capsys, "cache", *common(model, tiny_data, run), match="is inside the model folder")
+    assert sorted(p.name for p in (model / "scheduler").iterdir()) == ["scheduler_config.json"]
+
+
+@pytest.mark.parametrize("mode", ["I;16B", "I;16L"])
+def test_reprobe_a_sixteen_bit_query_object_of_either_byte_order_keeps_its_values(tmp_path, mode):
+    from diffattr.data import image_file_bytes
+
+    values = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    image = Image.frombytes(mode, (8, 8), values.astype(">u2" if mode.endswith("B") else "<u2").tobytes())
+    content, suffix = image_file_bytes(image)
+    (tmp_path / f"q{suffix}").write_bytes(content)
+    pixels = load_image(tmp_path / f"q{suffix}", channels=1, resolution=8)
+    torch.testing.assert_close(pixels[0], torch.from_numpy(values / 65535.0 * 2 - 1).float(), atol=1e-4, rtol=0)
+
+
+def test_reprobe_odd_query_objects_are_one_clear_error(tmp_path):
+    from diffattr.data import image_file_bytes
+
+    closed = Image.new("L", (8, 8))
+    closed.close()
+    for bad, match in [
+        (torch.zeros(3, 8, 8, dtype=torch.complex64), "real pixel values"),
+        (torch.empty(3, 8, 8, device="meta"), "real pixel values"),
+        (closed, "could not be encoded"),
+    ]:
+        with pytest.raises(DiffattrError, match=match):
+            image_file_bytes(bad)

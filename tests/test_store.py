@@ -7,7 +7,7 @@ import torch
 
 from diffattr.config import AttributionConfig
 from diffattr.errors import DiffattrError
-from diffattr.store import RunDirectory, write_json
+from diffattr.store import RunDirectory, tensors_digest, write_json
 
 CONFIG = {
     "model": {"fingerprint": "abc", "source": "/models/a"},
@@ -93,7 +93,9 @@ def test_a_query_result_round_trips_and_only_finished_queries_are_listed(tmp_pat
     folders = run.query_folders()
     assert [folder.name for folder in folders] == ["a", "b"]
     record, tensors = run.load_result(folders[1], 4)
-    assert record == {"query": "b.png"} and torch.equal(tensors["deltas"], scores["deltas"])
+    assert record == {"query": "b.png", "tensors_sha256": tensors_digest(scores)} and torch.equal(
+        tensors["deltas"], scores["deltas"]
+    )
     assert RunDirectory.query_image(folders[1]).is_file()
     assert not list(tmp_path.rglob("*.tmp*")), "an atomic write left its temporary file"
 
