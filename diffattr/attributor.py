@@ -236,8 +236,9 @@ class Attributor:
         allow_empty_captions: bool = False,
     ):
         distributed.setup()  # launched by torchrun / accelerate: join the other processes first
-        model_dir = Path(model).expanduser().resolve() if isinstance(model, (str, os.PathLike)) else None
+        model_dir = None  # the model's folder, when it was given as one
         if isinstance(model, (str, os.PathLike)):
+            model_dir = Path(model).expanduser().resolve()
             model = Denoiser.from_pretrained(model, scheduler=scheduler, lora=lora, variant=variant, device=device)
         elif not isinstance(model, Denoiser):  # a loaded diffusers pipeline
             from .models import load_pipeline

@@ -50,9 +50,8 @@ def result_rows(run_dir: str | os.PathLike, *, top_k: int | None = None, train=N
                     "caption": entry.get("text"),
                 }
             )
-        if "scores" in scores:
-            matrix.append(scores["scores"])
-            query_ids.append(query_id)
+        matrix.append(scores["scores"])
+        query_ids.append(query_id)
     stacked = torch.stack(matrix) if matrix else torch.zeros(0, len(run.ids or []))
     return rows, {"scores": stacked, "ids": run.ids or [], "queries": query_ids}
 

@@ -368,11 +368,11 @@ def _checked_training_images(root, fingerprint: str | None, columns: Columns) ->
 
 def ranked_entries(run: _Run, result: dict, scores: dict, top_k: int | None) -> list[dict]:
     """The top-k of one query (default: as many as ``result.json`` lists), ranked from the stamped
-    ``scores`` whenever the folder has them, so that the page cannot disagree with the numbers;
-    ``result.json``'s list alone only for a folder without scores."""
+    ``scores`` (``load_result`` refuses a folder without them), so that the page cannot disagree
+    with the numbers; ``result.json``'s list alone only for a run without ``ids.json`` to name the rows."""
     listed = result.get("top") if isinstance(result.get("top"), list) else []
     top = [entry for entry in listed if isinstance(entry, dict)]
-    if "scores" not in scores or run.ids is None or len(run.ids) != len(scores["scores"]):
+    if run.ids is None:  # with ids, load_result checked that the scores have one row per id
         return top if top_k is None else top[:top_k]
     values = scores["scores"].double()
     order = torch.sort(values, descending=True, stable=True).indices[: len(top) if top_k is None else top_k]

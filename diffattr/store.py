@@ -578,7 +578,7 @@ class RunDirectory:
         tensors = self.load_tensors(scores, expected, stamp=stamp)
         if result.get("tensors_sha256") != tensors_digest(tensors):
             _check_stamp(scores, None, stamp)  # its numbers were edited, its stamp kept
-        if tensors and (tensors["scores"] == float("inf")).any():
+        if (tensors["scores"] == float("inf")).any():
             raise DiffattrError(f"{scores}: 'scores' holds +inf; delete the folder to recompute")
         return result, tensors
 
