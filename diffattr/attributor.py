@@ -45,7 +45,7 @@ from .losses import LossMatrix
 from .noise import ScoringGrid
 from .perturb import select_parameters
 from .scoring import AGGREGATIONS, top_k
-from .shards import ShardedTensor, shards_complete, write_shards
+from .shards import ComputedRows, ShardedTensor, shards_complete, write_shards
 from .store import RunDirectory, ids_digest
 
 ENCODING_SHARD_ROWS = 1024  # images per encodings shard: the most the scoring pass holds at once
@@ -275,7 +275,7 @@ class Attributor:
         self._baseline: torch.Tensor | None = None
         self._reference: torch.Tensor | None = None
         self._scorers: dict[str, Scorer] = {}
-        self._train_features: dict[str, torch.Tensor] = {}  # per method, as read or computed
+        self._train_features: dict[str, ShardedTensor | ComputedRows] = {}  # per method
         self._results_saved = 0  # query results this object wrote
 
     @property
@@ -359,14 +359,19 @@ class Attributor:
         return self._engine
 
     def encodings(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The training set's encodings and conditions as whole tensors (audits, baselines), loaded once."""
+        """The training set's encodings and conditions as whole tensors, loaded once: for small sets
+        (the protocols, tests); the verbs read them a shard at a time (:meth:`training_encodings`)."""
         if self._loaded is None:
             encodings, conditions = self.training_encodings()
             self._loaded = (encodings.load(), None if conditions is None else conditions.load())
         return self._loaded
 
     def _encode_rows(self, start: int, stop: int, batch_size: int = 64) -> dict[str, torch.Tensor]:
-        records = self.data.records[start:stop]
+        """Encodings (and conditions) of training rows ``[start, stop)``; launched on several
+        processes, each encodes its block of them and every process gets the gathered whole."""
+        mine = distributed.block(stop - start)
+        # A process left without rows encodes one anyway (and drops it): the gather needs its shapes.
+        records = self.data.records[start + mine.start : start + max(mine.stop, mine.start + 1)]
         chunks, conditions = [], []
         bar = tqdm(total=len(self.data), initial=start, disable=not self.progress, desc="encoding", unit="image")
         with bar, torch.inference_mode():
@@ -379,16 +384,11 @@ class Attributor:
                 )
                 if condition is not None:
                     conditions.append(condition.cpu())
-                bar.update(len(batch))
+                bar.update(len(batch) * (stop - start) // len(records))  # the whole set's progress
         tensors = {"encodings": torch.cat(chunks)}
         if conditions:
             tensors["conditions"] = torch.cat(conditions)
-        return tensors
-
-    def training_images(self) -> torch.Tensor:
-        """``(N, C, H, W)`` training images in ``[-1, 1]``, as the model sees them (pixel baselines)."""
-        records = tqdm(self.data.records, disable=not self.progress, desc="images")
-        return torch.stack([self.load_record(self.data, r) for r in records])
+        return {key: distributed.gather_blocks(value[: len(mine)], stop - start) for key, value in tensors.items()}
 
     def load_record(self, data: TrainingImages, record: ImageRecord) -> torch.Tensor:
         """A training (or held-out) image of ``data`` as the model sees it."""
@@ -663,18 +663,38 @@ class Attributor:
             self._scorers[method] = SCORERS[method](context)
         return self._scorers[method]
 
-    def train_features(self, scorer: Scorer) -> torch.Tensor:
-        """``(N, ...)`` training features of a baseline, computed once and kept in the run directory."""
+    def train_features(self, scorer: Scorer) -> ShardedTensor | ComputedRows:
+        """``(N, ...)`` training features of a baseline, read a shard of rows at a time (memory flat
+        in N): computed once and sharded in the run directory (an interrupted featurisation
+        resumes after its last shard), or, for a scorer whose features are the images, on the fly."""
         if scorer.name not in self._train_features:
             self._open_run(with_attribution=False)
             in_pixels = scorer.space == "pixels" and self.model.is_latent
-            images, conditions = (self.training_images(), None) if in_pixels else self.encodings()
-            settings = scorer.feature_settings()
-            features = self.run.read_features(scorer.name, settings, len(self.ids)) if scorer.cached else None
-            if features is None:
-                features = scorer.featurise(images, conditions, self.ids, description="training set")
-                if scorer.cached:
-                    self.run.write_features(scorer.name, settings, features)
+            encodings, conditions = (None, None) if in_pixels else self.training_encodings()
+            num_images = len(self.ids)
+
+            def featurise(start: int, stop: int) -> torch.Tensor:
+                if in_pixels:
+                    images = torch.stack([self.load_record(self.data, r) for r in self.data.records[start:stop]])
+                else:
+                    images = encodings[start:stop]
+                rows = None if conditions is None else conditions[start:stop]
+                part = "" if stop - start == num_images else f" {start}–{stop}"
+                return scorer.featurise(images, rows, self.ids[start:stop], description=f"training set{part}")
+
+            if not scorer.cached:
+                features = ComputedRows(num_images, ENCODING_SHARD_ROWS, featurise)
+            else:
+                folder, stamp = self.run.features_dir(scorer.name, scorer.feature_settings())
+                if not shards_complete(folder):
+                    write_shards(
+                        folder,
+                        num_images,
+                        lambda start, stop: {"features": featurise(start, stop)},
+                        shard_rows=ENCODING_SHARD_ROWS,
+                        stamp=stamp,
+                    )
+                features = ShardedTensor.open(folder, stamp=stamp, num_rows=num_images)["features"]
             self._train_features[scorer.name] = features
         return self._train_features[scorer.name]
 
@@ -797,7 +817,7 @@ class Attributor:
             # Replicas are attributed after sampling: refuse other attribution settings before it.
             self._open_run(with_attribution=True)
         baseline = self.cache() if config.samples else self.baseline()
-        encodings, conditions = self.encodings()
+        encodings, conditions = self.training_encodings()  # streamed: the audit's memory stays flat in N
         inputs = AuditInputs(
             model=self.model,
             grid=self.grid,

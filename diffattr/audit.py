@@ -58,6 +58,7 @@ from .memorization import (
 )
 from .noise import ScoringGrid
 from .sampling import generate
+from .shards import ShardedTensor
 from .store import (
     AUDIT_CONFIG_FILE,
     AUDIT_LEAKAGE_FILE,
@@ -149,7 +150,8 @@ class AuditInputs:
         grid: the run's timesteps, draws and seed.
         ids: training ids, the row order of every tensor.
         captions: each training image's caption (text-to-image models are prompted with them).
-        encodings: ``(N, C, H, W)`` training encodings; ``conditions`` ``(N, ...)`` or ``None``.
+        encodings: ``(N, C, H, W)`` training encodings; ``conditions`` ``(N, ...)`` or ``None``: tensors
+            or the run directory's sharded ones, read a chunk of rows at a time (memory flat in N).
         baseline: ``(N, K)`` baseline losses B.
         store: the run directory (the audit writes its ``audit/`` folder).
         load_image: an image file as the model sees it, ``(C, H, W)`` in ``[-1, 1]``.
@@ -161,17 +163,13 @@ class AuditInputs:
     grid: ScoringGrid
     ids: list[str]
     captions: list[str | None]
-    encodings: torch.Tensor
-    conditions: torch.Tensor | None
+    encodings: torch.Tensor | ShardedTensor
+    conditions: torch.Tensor | ShardedTensor | None
     baseline: torch.Tensor
     store: RunDirectory
     load_image: Callable[[Path], torch.Tensor]
     attribute: Callable
     progress: bool = False
-
-
-def _flat(encodings: torch.Tensor) -> torch.Tensor:
-    return encodings.flatten(1).float()
 
 
 def _is_attributed(entry, ids: set[str]) -> bool:
@@ -240,11 +238,11 @@ class _Audit:
 
     # -- stage 2: neighbours ------------------------------------------------------------------------
 
-    def copy_distance(self, encodings: torch.Tensor) -> float:
+    def copy_distance(self, encodings) -> float:
         """The ℓ2 distance that ``copy_tolerance`` (an RMS per value) amounts to."""
         return self.config.copy_tolerance * encodings[0].numel() ** 0.5
 
-    def neighbours(self, encodings: torch.Tensor) -> dict[str, torch.Tensor]:
+    def neighbours(self, encodings) -> dict[str, torch.Tensor]:
         path = self.file(AUDIT_NEIGHBOURS_FILE)
         num_images = len(self.ids)
         if present(path):
@@ -259,8 +257,8 @@ class _Audit:
                 },
             )
         found = nearest_neighbours(
-            _flat(encodings),
-            _flat(encodings),
+            encodings,
+            encodings,
             k=min(self.config.neighbours, len(encodings) - 1),
             copy_distance=self.copy_distance(encodings),
             max_copies=MAX_LISTED,
@@ -340,12 +338,12 @@ class _Audit:
             self.store.save_tensors(path, saved)
         return torch.cat(chunks), seeds, labels, prompts
 
-    def replicas(self, encodings: torch.Tensor, neighbours: dict[str, torch.Tensor]) -> list[dict]:
+    def replicas(self, encodings, neighbours: dict[str, torch.Tensor]) -> list[dict]:
         """Every sample with its nearest training images; replicas saved as images and attributed."""
         if self.config.samples == 0:
             return []
         samples, seeds, labels, prompts = self.samples()
-        nearest = nearest_neighbours(samples, _flat(encodings), k=min(SAMPLE_NEIGHBOURS, len(encodings)))
+        nearest = nearest_neighbours(samples, encodings, k=min(SAMPLE_NEIGHBOURS, len(encodings)))
         first = nearest.indices[:, 0]
         reference = neighbours["reference"][first]
         flags = is_replica(nearest.distances[:, 0], reference, alpha=self.config.alpha)
@@ -389,19 +387,19 @@ class _Audit:
         top = [{"id": e["id"], "score": e["score"]} for e in result.top]
         return {"seed": entry["seed"], "top1": top[0]["id"], "top": top, "query_id": result.query_id}
 
-    def replica_counts(self, encodings: torch.Tensor, samples: list[dict]) -> tuple[torch.Tensor, dict[int, list]]:
+    def replica_counts(self, encodings, samples: list[dict]) -> tuple[torch.Tensor, dict[int, list]]:
         """Per training image, the replicas attributed top-1 to it or to a copy of it."""
         counts = torch.zeros(len(self.ids), dtype=torch.long)
         evidence: dict[int, list] = {}
         index = {image_id: i for i, image_id in enumerate(self.ids)}
-        flat, distance = _flat(encodings), self.copy_distance(encodings)
+        distance = self.copy_distance(encodings)
         groups: dict[int, torch.Tensor] = {}
         for sample in samples:
             if not sample["replica"]:
                 continue
             top1 = index[sample["top1"]]
             if top1 not in groups:
-                copies = within_distance(flat[top1], flat, distance)
+                copies = within_distance(encodings[top1], encodings, distance)
                 groups[top1] = torch.unique(torch.cat([copies, torch.tensor([top1])]))
             counts[groups[top1]] += 1
             summary = {key: sample[key] for key in ("file", "seed", "label", "prompt", "ratio", "top1")}
@@ -488,16 +486,15 @@ class _Audit:
 
     # -- optional: leakage and mislabels ------------------------------------------------------------
 
-    def leakage(self, test: TrainingImages, encodings: torch.Tensor, neighbours: dict[str, torch.Tensor]) -> list[dict]:
+    def leakage(self, test: TrainingImages, encodings, neighbours: dict[str, torch.Tensor]) -> list[dict]:
         """Each test image's nearest training image, and whether it is a copy (Carlini's criterion)."""
-        flat = _flat(encodings)
         records = test.records
         entries = []
         for start in tqdm(range(0, len(records), 256), disable=not self.progress, desc="leakage"):
             chunk = records[start : start + 256]
             pixels = torch.stack([self.inputs.load_image(test.source(r), name=test.name(r)) for r in chunk])
             queries = self.model.encode(pixels.to(self.model.device)).cpu()
-            found = nearest_neighbours(queries, flat, k=1)
+            found = nearest_neighbours(queries, encodings, k=1)
             distance, top1 = found.distances[:, 0], found.indices[:, 0]
             # The stored neighbours are sorted: the leakage reference is the mean over the first n.
             reference = reference_distance(neighbours["distances"][top1][:, : self.config.leakage_neighbours])
@@ -530,7 +527,8 @@ class _Audit:
 
     def mislabeled(self, baseline: torch.Tensor) -> list[dict]:
         """Loss under every label (same noise as the baseline), one label per saved pass."""
-        encodings, labels = self.inputs.encodings, self.inputs.conditions.long()
+        conditions = self.inputs.conditions
+        labels = (conditions if isinstance(conditions, torch.Tensor) else conditions.load()).long()  # (N,) labels
         num_classes = self.model.num_classes
         path = self.file(AUDIT_MISLABELED_LOSSES_FILE)
         if present(path):
@@ -551,10 +549,11 @@ class _Audit:
             if len(others):
                 matrix = loss_matrix(
                     self.model,
-                    encodings[others],
-                    torch.full((len(others),), label, dtype=torch.long),
-                    [self.ids[i] for i in others.tolist()],
+                    self.inputs.encodings,
+                    torch.full((len(self.ids),), label, dtype=torch.long),
+                    self.ids,
                     self.inputs.grid,
+                    images=others,
                     progress=self.progress,
                     description=f"under label {label}",
                 )

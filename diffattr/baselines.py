@@ -1,7 +1,8 @@
 """The anchors beside Forward-INF (``--method``): one small :class:`Scorer` interface and its registry.
 
 A scorer featurises images (the training set once, then each query) and scores query features
-against training features. It works on tensors only — the model, the run's grid and seed come in
+against training features, read one chunk of training rows at a time (a tensor, or the run
+directory's sharded features: memory flat in N). It works on tensors only — the model, the run's grid and seed come in
 a :class:`ScorerContext` — so the Attributor, the benchmarks and the tests all call it the same
 way. Adding a baseline is one subclass registered here (plus its test); ``--method`` lists the
 registry. The Attributor caches the training features of a ``cached`` scorer in the run directory
@@ -83,8 +84,17 @@ class Scorer:
         """``(B, ...)`` features of images (or encodings) with their conditions; ``names`` seed noise."""
         raise NotImplementedError
 
-    def scores(self, query_features: torch.Tensor, train_features: torch.Tensor) -> torch.Tensor:
-        """``(Q, N)`` scores, higher = more influential."""
+    def scores(self, query_features: torch.Tensor, train_features) -> torch.Tensor:
+        """``(Q, N)`` scores, higher = more influential; ``train_features``: ``(N, ...)``, a tensor or
+        a row source with ``chunks()`` (``shards.py``), scored chunk by chunk."""
+        import torch
+
+        from .gradients import feature_chunks
+
+        return torch.cat([self.score_block(query_features, chunk) for chunk in feature_chunks(train_features)], 1)
+
+    def score_block(self, query_features: torch.Tensor, train_block: torch.Tensor) -> torch.Tensor:
+        """``(Q, B)`` scores against a block of training features (a score depends on one pair only)."""
         raise NotImplementedError
 
 
@@ -99,10 +109,10 @@ class PixelScorer(Scorer):
     def featurise(self, images, conditions, names, *, description):
         return images
 
-    def scores(self, query_features, train_features):
+    def score_block(self, query_features, train_block):
         from .similarity import pixel_similarity
 
-        return pixel_similarity(query_features, train_features)
+        return pixel_similarity(query_features, train_block)
 
 
 @register_scorer
@@ -126,10 +136,10 @@ class ClipScorer(Scorer):
     def featurise(self, images, conditions, names, *, description):
         return self.context.clip.embed(images)
 
-    def scores(self, query_features, train_features):
+    def score_block(self, query_features, train_block):
         from .clip import cosine_similarity
 
-        return cosine_similarity(query_features, train_features)
+        return cosine_similarity(query_features, train_block)
 
 
 @register_scorer
@@ -164,8 +174,8 @@ class TracInScorer(Scorer):
             description=f"{self.name} gradients ({description})",
         )
 
-    def scores(self, query_features, train_features):
-        return query_features @ train_features.T
+    def score_block(self, query_features, train_block):
+        return query_features @ train_block.T
 
 
 @register_scorer
@@ -176,11 +186,15 @@ class DTrakScorer(TracInScorer):
 
     def __init__(self, context: ScorerContext):
         super().__init__(context)
-        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # (training features, kernel)
+        self._inverse: tuple[Any, torch.Tensor] | None = None  # (training features, (ΦᵀΦ + λI)⁻¹)
 
     def scores(self, query_features, train_features):
-        from .gradients import kernel_matrix
+        import math
 
-        if self._kernel is None or self._kernel[0] is not train_features:  # one d×d solve per training set
-            self._kernel = (train_features, kernel_matrix(train_features, damping=self.context.gradient.damping))
-        return query_features @ self._kernel[1]
+        from .gradients import gram_inverse, kernel_scores
+
+        damping = self.context.gradient.damping
+        if not math.isinf(damping) and (self._inverse is None or self._inverse[0] is not train_features):
+            self._inverse = (train_features, gram_inverse(train_features, damping=damping))  # one per training set
+        inverse = None if math.isinf(damping) else self._inverse[1]
+        return kernel_scores(query_features, train_features, damping=damping, inverse=inverse)

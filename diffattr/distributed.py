@@ -94,14 +94,24 @@ def gather_blocks(local: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.cat([part[:length] for part, length in zip(parts, lengths)]).to(local.device)
 
 
-def broadcast(tensor: torch.Tensor) -> None:
-    """Rank 0's values of ``tensor``, in place, on every process."""
+def _in_place(tensor: torch.Tensor, collective) -> None:
+    """Runs ``collective`` on ``tensor`` (moved to the backend's device and back)."""
     if not is_initialized():
         return
     data = tensor.to(_communication_device())
-    _torch().distributed.broadcast(data, src=0)
+    collective(data)
     if data is not tensor:
         tensor.copy_(data)
+
+
+def all_sum(tensor: torch.Tensor) -> None:
+    """The sum over processes of ``tensor``, in place, on every process."""
+    _in_place(tensor, _torch().distributed.all_reduce if is_initialized() else None)
+
+
+def broadcast(tensor: torch.Tensor) -> None:
+    """Rank 0's values of ``tensor``, in place, on every process."""
+    _in_place(tensor, lambda data: _torch().distributed.broadcast(data, src=0))
 
 
 def broadcast_parameters(module: torch.nn.Module) -> None:

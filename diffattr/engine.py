@@ -86,9 +86,9 @@ class Response:
 COPIES_BYTES = 8 << 30
 
 
-def _in_memory(tensor) -> torch.Tensor:
-    """A tensor, or a sharded one (``shards.ShardedTensor``) loaded whole."""
-    return tensor.load() if hasattr(tensor, "load") else tensor
+# Training images a retain batch (MUCS) draws from: all of them up to this many, else this many spread
+# over the set.
+RETAIN_POOL = 2048
 
 
 def spread_indices(num_images: int, count: int) -> list[int]:
@@ -190,11 +190,13 @@ class Engine:
         return self.fishers[key]
 
     def _retain_set(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The training set in memory, for a retain batch: random rows of sharded encodings would
-        read every shard on every step."""
+        """The pool a retain batch is drawn from, in memory: the whole training set up to
+        :data:`RETAIN_POOL` images, else that many spread over it (random rows of sharded
+        encodings would read every shard on every step; a bounded pool keeps memory flat in N)."""
         if self._retain is None:
+            rows = torch.tensor(spread_indices(len(self.ids), RETAIN_POOL))
             conditions = self.train.conditions
-            self._retain = (_in_memory(self.train.encodings), None if conditions is None else _in_memory(conditions))
+            self._retain = (self.train.encodings[rows], None if conditions is None else conditions[rows])
         return self._retain
 
     def respond(

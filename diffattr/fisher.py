@@ -10,6 +10,7 @@ training images of each parameter's squared loss gradient.
 Here ``F`` is normalised to mean 1 over the parameters that move, so λ weighs the penalty
 against the query's loss whatever the model's loss scale or size. Each training image contributes
 one (timestep, noise) draw, a pure function of the run seed and its id (not of its position).
+Launched on several processes, each takes its block of the images and the sums are added up.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .denoisers import Denoiser
 from .losses import denoising_loss, gradients_of
 from .noise import noise_key
@@ -49,8 +51,9 @@ def diagonal_fisher(
     chosen = [parameters[name] for name in names]
     squares = [torch.zeros_like(p, dtype=torch.float32) for p in chosen]
     generator = torch.Generator()
+    mine = distributed.block(len(rows))  # sharded: this process's images, the sums added up below
     with gradients_of(chosen):
-        for row in tqdm(rows, disable=not progress, desc="fisher"):
+        for row in tqdm(rows[mine.start : mine.stop], disable=not (progress and distributed.is_main()), desc="fisher"):
             generator.manual_seed(noise_key(seed, "fisher:" + ids[row]))
             t = torch.randint(0, model.num_train_timesteps, (1,), generator=generator)
             clean = encodings[row : row + 1].to(model.device)
@@ -59,6 +62,8 @@ def diagonal_fisher(
             loss = denoising_loss(model, clean, noise, t.to(model.device), condition).loss.mean()
             for square, gradient in zip(squares, torch.autograd.grad(loss, chosen)):
                 square += gradient.float().pow(2).cpu()
+    for square in squares:
+        distributed.all_sum(square)
     total = sum(square.sum() for square in squares)
     count = sum(square.numel() for square in squares)
     mean = (total / count).clamp_min(torch.finfo(torch.float32).tiny)

@@ -11,14 +11,17 @@ block by block from its seed and never held whole past a memory budget (:class:`
   best); ``score(q, i) = φ_q (ΦᵀΦ + λI)⁻¹ φ_i`` with Φ the ``(N, d)`` training features.
   ``λ = damping × mean eigenvalue of ΦᵀΦ``; ``damping = inf`` is the plain projected dot product.
 
-Costs N·K backward passes up front (cached per run directory); each query then needs K backward
-passes and one ``(d,) × (d, N)`` product — cheap per query, expensive to start.
+Costs N·K backward passes up front (cached per run directory, in shards); each query then needs K
+backward passes and one ``(d,) × (d, N)`` product — cheap per query, expensive to start. The
+training features are read a shard at a time (D-TRAK's ``ΦᵀΦ`` is summed over them), so memory is
+flat in N.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -178,30 +181,49 @@ def projected_gradients(
     return distributed.gather_blocks(features, len(images))
 
 
-def kernel_matrix(train_features: torch.Tensor, *, damping: float) -> torch.Tensor:
-    """``(ΦᵀΦ + λI)⁻¹ Φᵀ``, ``(d, N)``, with ``λ = damping × mean eigenvalue`` (``inf``: ``Φᵀ``).
+def feature_chunks(features) -> Iterator[torch.Tensor]:
+    """Row chunks of ``(N, d)`` features: a tensor whole, a sharded one (``shards.py``) shard by shard."""
+    return features.chunks() if hasattr(features, "chunks") else iter([features])
 
-    Computed once per training set and damping; a query's D-TRAK scores are ``φ_q`` times it.
-    """
-    phi = train_features.double()
-    if math.isinf(damping):
-        return phi.T.float()
-    eigenvalues, eigenvectors = torch.linalg.eigh(phi.T @ phi)
+
+def gram_inverse(train_features, *, damping: float) -> torch.Tensor:
+    """``(ΦᵀΦ + λI)⁻¹`` ``(d, d)`` in float64, ``λ = damping × mean eigenvalue of ΦᵀΦ``; ``ΦᵀΦ`` is
+    summed chunk by chunk, so memory is ``d²`` whatever N."""
+    gram = sum(chunk.double().T @ chunk.double() for chunk in feature_chunks(train_features))
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues = eigenvalues.clamp_min(0)
     lam = damping * eigenvalues.mean()
-    kernel = (eigenvectors / (eigenvalues + lam)) @ eigenvectors.T @ phi.T
-    # λ so large that every entry falls below float32's smallest normal: the scores would be 0s
-    if not torch.isfinite(lam) or (phi.abs().max() > 0 and kernel.abs().max() < torch.finfo(torch.float32).tiny):
-        raise DiffattrError(
-            f"--damping {damping:g} is too large for float32 scores (they would round to 0): "
-            "use a smaller value, or inf for the plain dot product"
-        )
-    return kernel.float()
+    if not torch.isfinite(lam):
+        raise _damping_too_large(damping)
+    return (eigenvectors / (eigenvalues + lam)) @ eigenvectors.T
 
 
-def kernel_scores(query_features: torch.Tensor, train_features: torch.Tensor, *, damping: float) -> torch.Tensor:
-    """D-TRAK scores ``φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ``: ``(Q, d), (N, d) → (Q, N)``.
+def _damping_too_large(damping: float) -> DiffattrError:
+    return DiffattrError(
+        f"--damping {damping:g} is too large for float32 scores (they would round to 0): "
+        "use a smaller value, or inf for the plain dot product"
+    )
 
-    ``damping = inf`` gives ``φ_q Φᵀ`` (the same ranking as the limit, without the 1/λ factor).
+
+def kernel_scores(
+    query_features: torch.Tensor, train_features, *, damping: float, inverse: torch.Tensor | None = None
+) -> torch.Tensor:
+    """D-TRAK scores ``φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ``: ``(Q, d), (N, d) → (Q, N)``, one chunk of Φ at a time.
+
+    Args:
+        train_features: Φ, a tensor or a sharded one.
+        damping: ``λ / mean eigenvalue``; ``inf`` gives ``φ_q Φᵀ`` (the ranking of the limit, without
+            the 1/λ factor).
+        inverse: :func:`gram_inverse` of Φ at this damping, if already computed (one per training set).
     """
-    return query_features @ kernel_matrix(train_features, damping=damping)
+    if math.isinf(damping):
+        return torch.cat([query_features @ chunk.T for chunk in feature_chunks(train_features)], 1)
+    if inverse is None:
+        inverse = gram_inverse(train_features, damping=damping)
+    left = query_features.double() @ inverse
+    scores = torch.cat([left @ chunk.double().T for chunk in feature_chunks(train_features)], 1)
+    # λ so large that every score falls below float32's smallest normal: they would be 0s
+    largest = scores.abs().max() if scores.numel() else scores.new_zeros(())
+    if 0 < largest < torch.finfo(torch.float32).tiny:
+        raise _damping_too_large(damping)
+    return scores.float()

@@ -6,10 +6,14 @@ samples, test images, or the training images themselves). Distances are ℓ2 bet
 
 Nearest neighbours are computed in chunks of queries × keys, keeping a running top-k, so no
 ``(Q, N)`` matrix is ever held: the memory is ``chunk_size²`` distances plus the ``(Q, k)`` result.
+Queries and keys are *row sources*: tensors, or the run directory's sharded encodings
+(:class:`~diffattr.shards.ShardedTensor`), read one chunk of rows at a time — so the memory does
+not grow with the training set.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -55,14 +59,24 @@ def _rows_per_chunk(chunk_size: int, dim: int) -> int:
     return max(1, min(chunk_size, 2**24 // max(dim, 1)))
 
 
+def _row_dim(source) -> int:
+    """D, the values per row of a row source (a tensor or a sharded one)."""
+    return math.prod(source.shape[1:])
+
+
+def _rows(source, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a row source, flattened to ``(stop − start, D)`` floats."""
+    return source[start:stop].flatten(1).float()
+
+
 def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """ℓ2 distances ``(A, B)``, in float64: identical rows come out at 0, not at float32 rounding."""
     return torch.cdist(a.double(), b.double()).float()
 
 
 def nearest_neighbours(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
+    queries,
+    keys,
     *,
     k: int,
     copy_distance: float | None = None,
@@ -75,8 +89,8 @@ def nearest_neighbours(
     """The k nearest keys of every query, in ℓ2, computed chunk by chunk.
 
     Args:
-        queries: ``(Q, ...)`` rows (flattened to ``(Q, D)``).
-        keys: ``(N, ...)`` rows (flattened to ``(N, D)``).
+        queries: ``(Q, ...)`` rows (flattened to ``(Q, D)``): a tensor or a sharded one.
+        keys: ``(N, ...)`` rows (flattened to ``(N, D)``): a tensor or a sharded one.
         k: neighbours per query.
         copy_distance: keys at most this far from a query are its *copies*: counted in
             ``num_copies`` and left out of the k neighbours (``None``: no key is a copy).
@@ -89,45 +103,47 @@ def nearest_neighbours(
     Returns:
         :class:`Neighbours`.
     """
-    queries, keys = queries.flatten(1), keys.flatten(1)
-    if skip_self and queries.shape[0] != keys.shape[0]:
+    if skip_self and len(queries) != len(keys):
         raise ValueError("skip_self needs queries and keys to be the same rows")
     num_queries, num_keys = len(queries), len(keys)
-    chunk_size = _rows_per_chunk(chunk_size, queries.shape[1])
+    chunk_size = _rows_per_chunk(chunk_size, _row_dim(queries))
     inf = torch.tensor(float("inf"))
     distances = torch.full((num_queries, k), inf)
     indices = torch.full((num_queries, k), -1, dtype=torch.long)
     copy_distances = torch.full((num_queries, max_copies), inf)
     copies = torch.full((num_queries, max_copies), -1, dtype=torch.long)
     num_copies = torch.zeros(num_queries, dtype=torch.long)
-    blocks = [(q, s) for q in range(0, num_queries, chunk_size) for s in range(0, num_keys, chunk_size)]
-    for q, s in tqdm(blocks, disable=not progress, desc=description, unit="block"):
-        rows, cols = slice(q, q + chunk_size), slice(s, s + chunk_size)
-        block = _distances(queries[rows], keys[cols])
-        key_index = torch.arange(s, min(s + chunk_size, num_keys))[None]
-        if skip_self:
-            block[torch.arange(q, min(q + chunk_size, num_queries))[:, None] == key_index] = inf
-        is_copy = block <= copy_distance if copy_distance is not None else torch.zeros_like(block, dtype=torch.bool)
-        num_copies[rows] += is_copy.sum(1)
-        copy_distances[rows], copies[rows] = _merge_smallest(
-            copy_distances[rows], copies[rows], block.masked_fill(~is_copy, inf), key_index, max_copies
-        )
-        distances[rows], indices[rows] = _merge_smallest(
-            distances[rows], indices[rows], block.masked_fill(is_copy, inf), key_index, k
-        )
+    num_blocks = math.ceil(num_queries / chunk_size) * math.ceil(num_keys / chunk_size)
+    with tqdm(total=num_blocks, disable=not progress, desc=description, unit="block") as bar:
+        for q in range(0, num_queries, chunk_size):
+            rows, query_rows = slice(q, q + chunk_size), _rows(queries, q, q + chunk_size)
+            for s in range(0, num_keys, chunk_size):
+                block = _distances(query_rows, _rows(keys, s, s + chunk_size))
+                key_index = torch.arange(s, min(s + chunk_size, num_keys))[None]
+                if skip_self:
+                    block[torch.arange(q, min(q + chunk_size, num_queries))[:, None] == key_index] = inf
+                is_copy = (
+                    block <= copy_distance if copy_distance is not None else torch.zeros_like(block, dtype=torch.bool)
+                )
+                num_copies[rows] += is_copy.sum(1)
+                copy_distances[rows], copies[rows] = _merge_smallest(
+                    copy_distances[rows], copies[rows], block.masked_fill(~is_copy, inf), key_index, max_copies
+                )
+                distances[rows], indices[rows] = _merge_smallest(
+                    distances[rows], indices[rows], block.masked_fill(is_copy, inf), key_index, k
+                )
+                bar.update()
     indices[distances.isinf()] = -1
     copies[copy_distances.isinf()] = -1
     return Neighbours(distances, indices, num_copies, copies)
 
 
-def within_distance(
-    query: torch.Tensor, keys: torch.Tensor, distance: float, *, chunk_size: int = 4096
-) -> torch.Tensor:
-    """Indices of all keys at most ``distance`` from one query row, ascending. ``(D,), (N, D) → (M,)``."""
-    query, keys = query.flatten()[None], keys.flatten(1)
-    chunk_size = _rows_per_chunk(chunk_size, keys.shape[1])
+def within_distance(query: torch.Tensor, keys, distance: float, *, chunk_size: int = 4096) -> torch.Tensor:
+    """Indices of all keys at most ``distance`` from one query row, ascending. ``(...), (N, ...) → (M,)``."""
+    query = query.flatten().float()[None]
+    chunk_size = _rows_per_chunk(chunk_size, _row_dim(keys))
     found = [
-        start + torch.nonzero(_distances(query, keys[start : start + chunk_size])[0] <= distance).flatten()
+        start + torch.nonzero(_distances(query, _rows(keys, start, start + chunk_size))[0] <= distance).flatten()
         for start in range(0, len(keys), chunk_size)
     ]
     return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)

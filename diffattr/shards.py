@@ -178,3 +178,18 @@ class ShardedTensor:
     def load(self) -> torch.Tensor:
         """All rows as one tensor (for the consumers that need them together)."""
         return torch.cat(list(self.chunks()))
+
+
+class ComputedRows:
+    """Rows computed on demand, ``compute(start, stop)`` a chunk at a time: a row source like
+    :class:`ShardedTensor` (``len``, :meth:`chunks`) for values not worth storing."""
+
+    def __init__(self, num_rows: int, chunk_rows: int, compute: Callable[[int, int], torch.Tensor]):
+        self.num_rows, self.chunk_rows, self.compute = num_rows, chunk_rows, compute
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        for start in range(0, self.num_rows, self.chunk_rows):
+            yield self.compute(start, min(start + self.chunk_rows, self.num_rows))

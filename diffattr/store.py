@@ -243,6 +243,10 @@ def _checked(config: dict) -> dict:
     return checked
 
 
+def _settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 class RunDirectory:
     """Reads and writes one run directory; owns its layout, the one settings check and the stamps.
 
@@ -474,19 +478,15 @@ class RunDirectory:
 
     def _per_setting_file(self, stem: str, settings: dict) -> Path:
         """``<stem>-<hash of the settings>.safetensors``: one file per setting, never another's."""
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        return self.file(f"{stem}-{digest}.safetensors")
+        return self.file(f"{stem}-{_settings_digest(settings)[:12]}.safetensors")
 
-    def read_features(self, method: str, settings: dict, num_images: int) -> torch.Tensor | None:
-        """A baseline's ``(N, ...)`` training features saved under exactly these settings, else ``None``."""
-        path = self._per_setting_file(f"{METHODS_DIR}/{method}", settings)
-        if not present(path):
-            return None
-        return self.load_tensors(path, {"features": Expected((num_images, ...))})["features"]
-
-    def write_features(self, method: str, settings: dict, features: torch.Tensor) -> None:
-        metadata = {"settings": json.dumps(settings)}
-        self.save_tensors(self._per_setting_file(f"{METHODS_DIR}/{method}", settings), {"features": features}, metadata)
+    def features_dir(self, method: str, settings: dict) -> tuple[Path, str]:
+        """Where a baseline's ``(N, ...)`` training features under these settings are sharded
+        (``methods/<method>-<hash of the settings>/``, see ``shards.py``), and the stamp its shards
+        carry: the run's with the settings, so features of another run or setting are refused."""
+        digest = _settings_digest(settings)
+        stamp = hashlib.sha256(f"{self.stamp}:{method}:{digest}".encode()).hexdigest()
+        return self.file(f"{METHODS_DIR}/{method}-{digest[:12]}"), stamp
 
     def read_fisher(self, settings: dict, shapes: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
         """AbU's Fisher saved under exactly these settings (moved parameters, images), else ``None``;

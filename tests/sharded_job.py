@@ -1,5 +1,6 @@
 """Run by ``tests/test_distributed.py`` in one process and under ``torchrun`` on two: every verb of
-the Python API on a tiny class-conditional model, the numbers saved to ``<run-dir>/numbers.safetensors``.
+the Python API on a tiny class-conditional model (and AbU's Fisher), the numbers saved to
+``<run-dir>/numbers.safetensors``.
 
     python tests/sharded_job.py MODEL DATA RUN_DIR QUERY
 """
@@ -30,6 +31,16 @@ def main(model: str, data: str, run_dir: str, query: str) -> None:
     forward_inf = attributor.attribute(query, labels=1)[0]
     dtrak = attributor.attribute(query, labels=1, method="dtrak")[0]
     report = attributor.audit(AuditConfig(samples=3, sampling_steps=5, alpha=100.0), mislabeled=True)
+    abu = Attributor(  # AbU: its Fisher is sharded over the processes too
+        model,
+        data,
+        f"{run_dir}/abu",
+        scoring=scoring,
+        attribution=AttributionConfig(steps=3, draws_per_step=8, aggregation="loss", ewc_weight=1.0, fisher_images=5),
+        device="cpu",
+        progress=False,
+    )
+    abu_scores = abu.attribute(query, labels=1)[0].scores
     numbers = {
         "baseline": baseline,
         "calibration": attributor.calibration(),
@@ -38,6 +49,8 @@ def main(model: str, data: str, run_dir: str, query: str) -> None:
         "audit": report.scores,
         "mislabel": torch.tensor([entry["score"] for entry in sorted(report.mislabeled, key=lambda e: e["id"])]),
         "replicas": torch.tensor(len(report.replicas)),
+        "fisher": torch.cat([values.flatten() for values in abu.fisher().values()]),
+        "abu": abu_scores,
     }
     write_tensors(attributor.run.file("numbers.safetensors"), numbers)
 

@@ -207,6 +207,30 @@ def test_mislabeled_on_a_class_conditional_model(tmp_path, tiny_data, monkeypatc
     assert again.mislabeled == report.mislabeled
 
 
+def test_the_audit_reads_the_encodings_a_shard_at_a_time_with_the_numbers_of_one_shard(
+    tmp_path, tiny_data, monkeypatch
+):
+    """Neighbours, replicas, leakage and mislabels over encodings sharded five rows at a time equal
+    those over one shard: the audit streams the training set (memory flat in N)."""
+    model = DiffusionModel.from_pretrained(make_tiny_model(tmp_path / "model", num_class_embeds=3), device="cpu")
+    test = write_images(tmp_path / "test", 3, seed=99)
+    shutil.copy(tiny_data / "b" / "img_005.png", test / "planted.png")
+
+    def audit(run_dir):
+        return _attributor(model, tiny_data, run_dir).audit(TINY_AUDIT, leakage=test, mislabeled=True)
+
+    whole = audit(tmp_path / "whole")
+    monkeypatch.setattr("diffattr.attributor.ENCODING_SHARD_ROWS", 5)
+    sharded = audit(tmp_path / "sharded")
+    assert len(list((tmp_path / "sharded" / "encodings").glob("*.safetensors"))) == 3
+    assert torch.equal(sharded.scores, whole.scores) and sharded.ranking == whole.ranking
+    assert sharded.leakage == whole.leakage and sharded.mislabeled == whole.mislabeled
+    assert [s["top1"] for s in sharded.replicas] == [s["top1"] for s in whole.replicas]
+    for name in ("neighbours", "mislabeled"):
+        a, b = (load_file(tmp_path / run / "audit" / f"{name}.safetensors") for run in ("whole", "sharded"))
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_cli_audit(tmp_path, tiny_model, tiny_data, capsys):
     common = ["--model", str(tiny_model), "--train", str(tiny_data), "--run-dir", str(tmp_path), "--quiet"]
     code = main(["audit", *common, "--timesteps", "3", "--samples", "2", "--sampling-steps", "3", "--top-k", "4"])

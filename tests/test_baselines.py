@@ -64,11 +64,11 @@ def test_dtrak_with_the_sparse_projection_finds_the_planted_duplicate(tmp_path, 
 def test_gradient_features_are_cached_per_setting(tmp_path, tiny_model, tiny_data):
     query = tiny_data / QUERY_ID
     _attributor(tiny_model, tiny_data, tmp_path).attribute(query, method="dtrak")
-    cached = list((tmp_path / "methods").glob("dtrak-*.safetensors"))
+    cached = list((tmp_path / "methods").glob("dtrak-*/index.json"))
     assert len(cached) == 1
     # A new damping reuses the features (λ enters at query time); a new projection does not.
     _attributor(tiny_model, tiny_data, tmp_path, damping=math.inf).attribute(query, method="dtrak")
-    assert list((tmp_path / "methods").glob("dtrak-*.safetensors")) == cached
+    assert list((tmp_path / "methods").glob("dtrak-*/index.json")) == cached
     other = Attributor(
         tiny_model,
         tiny_data,
@@ -78,7 +78,7 @@ def test_gradient_features_are_cached_per_setting(tmp_path, tiny_model, tiny_dat
         progress=False,
     )
     other.attribute(query, method="dtrak")
-    assert len(list((tmp_path / "methods").glob("dtrak-*.safetensors"))) == 2
+    assert len(list((tmp_path / "methods").glob("dtrak-*/index.json"))) == 2
 
 
 def test_clip_method_needs_weights(tmp_path, tiny_model, tiny_data):
@@ -205,3 +205,46 @@ def test_a_query_has_the_same_noise_under_every_setting_of_a_method(tmp_path, ti
         )
     query_names = [n for description, n in names if description == "queries"]
     assert len(query_names) == 2 and query_names[0] == query_names[1]
+
+
+@pytest.mark.parametrize("method", ["pixel", "clip", "tracin", "dtrak"])
+def test_baseline_scores_do_not_depend_on_the_shards_the_features_are_read_in(
+    tmp_path, tiny_model, tiny_data, clip, method, monkeypatch
+):
+    """Features sharded five rows at a time (D-TRAK's ΦᵀΦ summed over shards) give the scores of one
+    shard: the baselines read the training set a shard at a time, so their memory is flat in N."""
+    query = tiny_data / QUERY_ID
+    whole = _attributor(tiny_model, tiny_data, tmp_path / "whole", clip).attribute(query, method=method)[0]
+    monkeypatch.setattr("diffattr.attributor.ENCODING_SHARD_ROWS", 5)
+    sharded = _attributor(tiny_model, tiny_data, tmp_path / "sharded", clip).attribute(query, method=method)[0]
+    if method in ("clip", "tracin", "dtrak"):
+        (folder,) = (tmp_path / "sharded" / "methods").glob(f"{method}-*")
+        assert len(list(folder.glob("*.safetensors"))) == 3  # 12 images: 5 + 5 + 2
+    assert torch.allclose(sharded.scores, whole.scores, rtol=1e-5, atol=1e-6 * whole.scores.abs().max())
+    assert sharded.top_ids == whole.top_ids
+
+
+def test_an_interrupted_featurisation_resumes_after_its_last_shard(tmp_path, tiny_model, tiny_data, monkeypatch):
+    query = tiny_data / QUERY_ID
+    monkeypatch.setattr("diffattr.attributor.ENCODING_SHARD_ROWS", 5)
+    done = _attributor(tiny_model, tiny_data, tmp_path / "done").attribute(query, method="dtrak")[0]
+    import diffattr.gradients
+
+    calls, real = [], diffattr.gradients.projected_gradients
+
+    class Killed(Exception):
+        pass
+
+    def interrupted(*args, **kwargs):
+        calls.append(len(args[1]))
+        if calls == [5, 5]:  # killed during the second shard
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffattr.gradients, "projected_gradients", interrupted)
+    with pytest.raises(Killed):
+        _attributor(tiny_model, tiny_data, tmp_path / "run").attribute(query, method="dtrak")
+    calls.clear()
+    resumed = _attributor(tiny_model, tiny_data, tmp_path / "run").attribute(query, method="dtrak")[0]
+    assert calls == [5, 2, 1]  # shards 2 and 3 of the training set, then the query: shard 1 was kept
+    assert torch.equal(resumed.scores, done.scores)

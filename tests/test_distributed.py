@@ -1,5 +1,5 @@
 """Sharding: two CPU processes under ``torchrun`` (gloo, one thread each) give the numbers of one
-process, for the baseline, the calibration, a query, D-TRAK and the audit (``distributed.py``)."""
+process, for the baseline, the calibration, a query, D-TRAK, the audit and AbU's Fisher (``distributed.py``)."""
 
 import os
 import socket
@@ -48,7 +48,9 @@ def test_two_processes_give_the_numbers_of_one(fixtures):
     assert one.keys() == two.keys() and one["replicas"] == 3
     for key in one:
         scale = max(one[key].abs().max().item(), 1e-12)
-        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6 * scale, msg=key)
+        # AbU's Fisher adds two blocks' float32 sums (rounding ~4e-8), which its fine-tuning carries on
+        tolerance = 1e-5 if key == "abu" else 1e-6
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=tolerance * scale, msg=key)
     # a rerun of the sharded job on its own run directory resumes: everything is read back
     _run([*torchrun, "--master_port", str(_free_port()), str(JOB), str(model), str(data), str(sharded), str(query)])
     again = load_file(sharded / "numbers.safetensors")

@@ -76,12 +76,15 @@ def test_a_calibration_serves_only_the_settings_it_was_computed_under(tmp_path):
 
 def test_baseline_features_are_kept_per_setting(tmp_path):
     run = _run(tmp_path / "run")
-    run.write_features("dtrak", {"projection_dim": 64}, torch.ones(3, 64))
-    run.write_features("dtrak", {"projection_dim": 32}, torch.zeros(3, 32))
-    assert run.read_features("dtrak", {"projection_dim": 64}, 3).shape == (3, 64)
-    assert run.read_features("dtrak", {"projection_dim": 32}, 3).sum() == 0
-    assert run.read_features("dtrak", {"projection_dim": 16}, 3) is None
-    assert run.read_features("tracin", {"projection_dim": 64}, 3) is None
+    folders = {
+        (method, dim): run.features_dir(method, {"projection_dim": dim})
+        for method in ("dtrak", "tracin")
+        for dim in (32, 64)
+    }
+    assert len({folder for folder, _ in folders.values()}) == 4  # another method or setting: another folder
+    assert len({stamp for _, stamp in folders.values()}) == 4  # ... and another stamp on its shards
+    assert folders["dtrak", 64] == run.features_dir("dtrak", {"projection_dim": 64})
+    assert all(folder.parent == run.path / "methods" for folder, _ in folders.values())
 
 
 def test_a_query_result_round_trips_and_only_finished_queries_are_listed(tmp_path):
