@@ -319,16 +319,21 @@ class _Audit:
             done = torch.zeros(0, *self.model.sample_shape)
         chunks = [done]
         for start in range(len(done), len(seeds), SAMPLE_BATCH):
-            batch = slice(start, start + SAMPLE_BATCH)
-            samples = generate(
-                self.model,
-                seeds=seeds[batch],
-                labels=labels[batch] if self.model.num_classes is not None else None,
-                prompts=prompts[batch] if self.model.is_text_conditioned else None,
-                num_inference_steps=self.config.sampling_steps or None,
-                progress=self.progress,
-            )
-            distributed.broadcast(samples)  # sharded: every process judges rank 0's samples (the replicas)
+            batch = slice(start, min(start + SAMPLE_BATCH, len(seeds)))
+            # Sharded: each process samples its block of the batch's seeds, and all get the whole batch.
+            mine = distributed.block(batch.stop - batch.start)
+            own = slice(start + mine.start, start + mine.stop)
+            local = torch.empty(0, *self.model.sample_shape)
+            if len(mine):
+                local = generate(
+                    self.model,
+                    seeds=seeds[own],
+                    labels=labels[own] if self.model.num_classes is not None else None,
+                    prompts=prompts[own] if self.model.is_text_conditioned else None,
+                    num_inference_steps=self.config.sampling_steps or None,
+                    progress=self.progress,
+                )
+            samples = distributed.gather_blocks(local, batch.stop - batch.start)
             chunks.append(samples)
             saved = {
                 "samples": torch.cat(chunks),

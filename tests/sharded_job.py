@@ -8,6 +8,7 @@ the Python API on a tiny class-conditional model (and AbU's Fisher), the numbers
 import sys
 
 import torch
+from safetensors.torch import load_file
 
 from diffattr import AttributionConfig, Attributor
 from diffattr.config import AuditConfig, GradientConfig, ScoringConfig
@@ -49,6 +50,7 @@ def main(model: str, data: str, run_dir: str, query: str) -> None:
         "audit": report.scores,
         "mislabel": torch.tensor([entry["score"] for entry in sorted(report.mislabeled, key=lambda e: e["id"])]),
         "replicas": torch.tensor(len(report.replicas)),
+        "samples": load_file(f"{run_dir}/audit/samples.safetensors")["samples"],  # sampled in blocks too
         "fisher": torch.cat([values.flatten() for values in abu.fisher().values()]),
         "abu": abu_scores,
     }

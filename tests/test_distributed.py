@@ -1,5 +1,6 @@
 """Sharding: two CPU processes under ``torchrun`` (gloo, one thread each) give the numbers of one
-process, for the baseline, the calibration, a query, D-TRAK, the audit and AbU's Fisher (``distributed.py``)."""
+process, for the baseline, the calibration, a query, D-TRAK, the audit (its samples too) and AbU's
+Fisher (``distributed.py``)."""
 
 import os
 import socket
