@@ -23,6 +23,7 @@ from protocol import (
     add_candidate_scores,
     all_method_scores,
     default_name,
+    mean_candidate_stats,
     retrieval_metrics,
     sweep_settings,
     write_candidate_table,
@@ -113,6 +114,7 @@ def main(args):
         seeds = list(range(100 * c, 100 * c + args.samples))
         samples = generate(model, seeds=seeds, progress=not args.quiet)
         queries = Queries(samples, None, [f"{concept}/seed{s}" for s in seeds])
+        default_losses = {}
         scores, seconds = all_method_scores(
             model,
             train,
@@ -120,19 +122,20 @@ def main(args):
             settings=sweep_settings(args.sweep),
             gradient_methods=not args.no_gradients,
             progress=not args.quiet,
+            default_losses=default_losses,
         )
         relevant = torch.tensor([[o == concept for o in owners]] * args.samples)
         per_concept[concept] = {"scores": scores, "relevant": relevant, "seconds": seconds}
         if args.candidates:
-            per_concept[concept]["recalls"] = add_candidate_scores(scores, train, queries)
+            per_concept[concept]["candidates"] = add_candidate_scores(scores, train, queries, default_losses)
     methods, rows = retrieval_metrics(per_concept, list(per_concept[next(iter(CONCEPTS))]["scores"]))
     payload = {"concepts": list(CONCEPTS), "methods": methods, "default": default_name()}
     payload["seconds"] = {c: v["seconds"] for c, v in per_concept.items()}
     header = ["method", "Recall@10", "mAP"]
     write_tables("customization", payload, header, rows, swept=args.sweep != "default")
     if args.candidates:  # every concept has the same number of queries: the mean of the means
-        recalls = {m: sum(c["recalls"][m] for c in per_concept.values()) / len(per_concept) for m in rows if "|M=" in m}
-        write_candidate_table("customization", header, rows, recalls)
+        stats = mean_candidate_stats([c["candidates"] for c in per_concept.values()])
+        write_candidate_table("customization", header, rows, stats)
 
 
 if __name__ == "__main__":

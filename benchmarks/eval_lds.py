@@ -150,6 +150,7 @@ def main(args):
         [query_losses(trained_model(path, None, steps=0, seed=0, progress=False), queries) for path, _ in subset_models]
     )  # (M, Q)
     train = TrainingSet(images, None, ids)
+    default_losses = {}
     scores, seconds = all_method_scores(
         full,
         train,
@@ -157,8 +158,9 @@ def main(args):
         settings=sweep_settings(args.sweep),
         gradient_timesteps=tuple(args.gradient_timesteps),
         progress=progress,
+        default_losses=default_losses,
     )
-    recalls = add_candidate_scores(scores, train, queries, fill=0.0) if args.candidates else None
+    recalls = add_candidate_scores(scores, train, queries, default_losses, fill=0.0) if args.candidates else None
     rows, payload = {}, {"subsets": args.subsets, "train_images": len(ids), "seconds": seconds, "methods": {}}
     for name, matrix in scores.items():
         entry = {}

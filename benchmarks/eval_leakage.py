@@ -69,6 +69,7 @@ def main(args):
     groups = [group_of(i) for i in ids]
     relevant = torch.tensor([[g == target for g in groups] for target in targets])
     kinds = {"replicas": slice(0, len(seeds)), "training images": slice(len(seeds), len(targets))}
+    default_losses = {}
     scores, seconds = all_method_scores(
         model,
         train,
@@ -76,8 +77,9 @@ def main(args):
         settings=sweep_settings(args.sweep),
         gradient_methods=not args.no_gradients,
         progress=not args.quiet,
+        default_losses=default_losses,
     )
-    recalls = add_candidate_scores(scores, train, queries) if args.candidates else None
+    recalls = add_candidate_scores(scores, train, queries, default_losses) if args.candidates else None
     rows, payload = {}, {"queries": queries.names, "seconds": seconds, "methods": {}, "default": default_name()}
     for name, matrix in scores.items():
         entry = {kind: top1_rate(matrix[rows_of], relevant[rows_of]) for kind, rows_of in kinds.items()}

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from diffattr.baselines import SCORERS, ScorerContext
-from diffattr.candidates import candidate_rows
+from diffattr.candidates import RETRIEVERS, candidate_rows, retrieval_column
 from diffattr.config import AttributionConfig, GradientConfig, ScoringConfig
 from diffattr.denoisers import DiffusionModel
 from diffattr.engine import Engine, Queries, TrainingSet
 from diffattr.gradients import kernel_scores
 from diffattr.metrics import mean_average_precision, recall_at_k
 from diffattr.noise import ScoringGrid
+from diffattr.scoring import aggregate, top_k
 
 RESULTS_DIR = Path(__file__).parent / "results"
 DEFAULT = AttributionConfig()
@@ -87,8 +88,13 @@ def all_method_scores(
     projection_dim: int = 1024,
     seed: int = 0,
     progress: bool = True,
+    default_losses: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """``{method name: (Q, N) scores}`` and seconds spent per method family.
+
+    ``default_losses``, if given, receives the default setting's ``baseline`` ``(N, K)``, its
+    calibration ``reference`` ``(N,)`` and each query's ``after`` ``(Q, N, K)`` (the retrievers of
+    :func:`add_candidate_scores` score on them).
 
     Forward-INF appears once per (setting, aggregation) as ``forward-inf[<setting>|<aggregation>]``;
     D-TRAK once per damping as ``dtrak[λ=<damping>]``; gradient methods on another grid than the
@@ -107,7 +113,15 @@ def all_method_scores(
             scoring = ScoringConfig(num_timesteps=key[0], num_draws=key[1], seed=seed)
             engines[key] = Engine(model, train, ScoringGrid.of(model.num_train_timesteps, scoring), progress=progress)
             baselines[key] = engines[key].baseline()
-        matrices = engines[key].query_scores(queries, setting.config, baseline=baselines[key])
+        if setting == Setting() and default_losses is not None:
+            reference, _ = engines[key].calibration(setting.config, baselines[key])
+            after = []
+            matrices = engines[key].query_scores(
+                queries, setting.config, baseline=baselines[key], reference=reference, losses_out=after
+            )
+            default_losses.update(baseline=baselines[key], reference=reference, after=torch.stack(after))
+        else:
+            matrices = engines[key].query_scores(queries, setting.config, baseline=baselines[key])
         for aggregation, matrix in matrices.items():
             scores[f"forward-inf[{setting.name()}|{aggregation}]"] = matrix
     seconds["forward-inf"] = time.perf_counter() - start
@@ -173,44 +187,84 @@ def default_name() -> str:
     return f"forward-inf[default|{DEFAULT.aggregation}]"
 
 
-def candidate_name(fraction: float) -> str:
-    return f"forward-inf[default|{DEFAULT.aggregation}|M={fraction:g}N]"
+def candidate_name(fraction: float, retriever: str = "l2") -> str:
+    suffix = "" if retriever == "l2" else f", {retriever}"
+    return f"forward-inf[default|{DEFAULT.aggregation}|M={fraction:g}N{suffix}]"
 
 
 def add_candidate_scores(
-    scores: dict[str, torch.Tensor], train: TrainingSet, queries: Queries, *, fill: float = -math.inf
-) -> dict[str, float]:
-    """Adds the default's scores under ``--candidates M`` for each of :data:`CANDIDATE_FRACTIONS`.
+    scores: dict[str, torch.Tensor],
+    train: TrainingSet,
+    queries: Queries,
+    default_losses: dict,
+    *,
+    fill: float = -math.inf,
+) -> dict[str, dict[str, float]]:
+    """Adds the default's scores under ``--candidates M`` for each of :data:`CANDIDATE_FRACTIONS`
+    and each ``--retriever``.
 
     The pre-filter scores each candidate exactly as the full pass does (same perturbation, same
     noise: ``tests/test_candidates.py``), so its scores are the full pass's on the candidate rows
-    and ``fill`` elsewhere (−inf: never ranked; 0 for LDS sums: no influence counted).
+    and ``fill`` elsewhere (−inf: never ranked; 0 for LDS sums: no influence counted). The ``loss``
+    retriever's one-timestep scores are the full pass's at that column (``default_losses``, from
+    :func:`all_method_scores`; the same noise).
 
     Returns:
-        ``{name: mean over queries of the fraction of the full pass's top-10 among the candidates}``.
+        ``{name: {"recall": mean over queries of the fraction of the full pass's top-10 among the
+        candidates, "cost": mean rows scored per query ÷ the full pass's N·K}}``.
     """
     full = scores[default_name()]
     num_images = full.shape[1]
-    recalls = {}
-    for fraction in CANDIDATE_FRACTIONS:
-        count = max(1, round(fraction * num_images))
-        masked, hits = torch.full_like(full, fill), []
-        for q in range(len(full)):
-            rows = candidate_rows(queries.encodings[q], train.encodings, count)
-            masked[q, rows] = full[q, rows]
-            hits.append(torch.isin(full[q].topk(min(10, num_images)).indices, rows).float().mean().item())
-        scores[candidate_name(fraction)] = masked
-        recalls[candidate_name(fraction)] = sum(hits) / len(hits)
-    return recalls
+    baseline, after = default_losses["baseline"], default_losses["after"]
+    num_timesteps = baseline.shape[1]
+    column = [retrieval_column(num_timesteps)]
+    out = {}
+    for retriever in RETRIEVERS:
+        for fraction in CANDIDATE_FRACTIONS:
+            count = max(1, round(fraction * num_images))
+            masked, hits, costs = torch.full_like(full, fill), [], []
+            for q in range(len(full)):
+                rows = candidate_rows(queries.encodings[q], train.encodings, count)
+                if retriever == "loss":
+                    moved = aggregate(
+                        DEFAULT.aggregation,
+                        baseline=baseline[:, column],
+                        after=after[q][:, column],
+                        direction=DEFAULT.direction,
+                        reference=default_losses["reference"],
+                    )
+                    rows = torch.unique(torch.cat([rows, top_k(moved, count)[1]]))
+                masked[q, rows] = full[q, rows]
+                hits.append(torch.isin(full[q].topk(min(10, num_images)).indices, rows).float().mean().item())
+                extra = num_images if retriever == "loss" else 0  # the retriever's pass at one timestep
+                costs.append((extra + len(rows) * num_timesteps) / (num_images * num_timesteps))
+            name = candidate_name(fraction, retriever)
+            scores[name] = masked
+            out[name] = {"recall": sum(hits) / len(hits), "cost": sum(costs) / len(costs)}
+    return out
 
 
-def write_candidate_table(name: str, header: list[str], rows: dict[str, list], recalls: dict[str, float]) -> None:
-    """``<name>_candidates``: the protocol's metrics of the default against M, with the recall of
-    the full pass's top-10 among the candidates."""
-    table = [["all (M = N)", 1.0, *rows[default_name()][1:]]]
-    table += [[f"M = {f:g} N", recalls[candidate_name(f)], *rows[candidate_name(f)][1:]] for f in CANDIDATE_FRACTIONS]
-    payload = {"recall_of_full_top10": recalls, "rows": table}
-    header = ["--candidates", "recall of full top-10", *header[1:]]
+def mean_candidate_stats(per_group: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The mean over groups (of equal numbers of queries) of :func:`add_candidate_scores`' numbers."""
+    return {
+        name: {key: sum(group[name][key] for group in per_group) / len(per_group) for key in per_group[0][name]}
+        for name in per_group[0]
+    }
+
+
+def write_candidate_table(
+    name: str, header: list[str], rows: dict[str, list], stats: dict[str, dict[str, float]]
+) -> None:
+    """``<name>_candidates``: the protocol's metrics of the default against M and the retriever, with
+    the recall of the full pass's top-10 among the candidates and the cost against the full pass."""
+    table = [["all (M = N)", "—", 1.0, 1.0, *rows[default_name()][1:]]]
+    for retriever in RETRIEVERS:
+        for f in CANDIDATE_FRACTIONS:
+            entry = stats[candidate_name(f, retriever)]
+            row = rows[candidate_name(f, retriever)][1:]
+            table.append([f"M = {f:g} N", retriever, entry["recall"], entry["cost"], *row])
+    payload = {"candidates": stats, "rows": table}
+    header = ["--candidates", "--retriever", "recall of full top-10", "rows ÷ full pass", *header[1:]]
     write_results(f"{name}_candidates", payload, markdown_table(header, table))
 
 

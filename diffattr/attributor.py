@@ -16,6 +16,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .audit import AuditInputs, AuditReport, run_audit
 from .baselines import SCORERS, Scorer, ScorerContext, method_names
-from .candidates import DUPLICATE_RADIUS, candidate_rows
+from .candidates import DUPLICATE_RADIUS, RETRIEVERS, Prefilter, candidate_rows, retrieval_column
 from .config import MAX_IMAGE_PIXELS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
 from .data import (
     Columns,
@@ -339,24 +341,33 @@ class Attributor:
     def engine(self) -> Engine:
         """The engine over this model, the training set's (streamed) encodings and the run's grid."""
         if self._engine is None:
-            first_run = self.run.load_config() is None
-            self._open_run(with_attribution=False)
-            folder = self.run.encodings_dir
-            if not shards_complete(folder):
-                try:
+            with self._settings_forgotten_on_error():
+                self._open_run(with_attribution=False)
+                folder = self.run.encodings_dir
+                if not shards_complete(folder):
                     write_shards(
                         folder, len(self.ids), self._encode_rows, shard_rows=ENCODING_SHARD_ROWS, stamp=self.run.stamp
                     )
-                except DiffattrError:  # e.g. an unreadable training image: the fixed rerun must not be refused
-                    if first_run:
-                        self.run.forget_settings()
-                        self._checked_attribution = None
-                    raise
             row_shapes = {"encodings": tuple(self.model.sample_shape)}
             tensors = ShardedTensor.open(folder, stamp=self.run.stamp, num_rows=len(self.ids), row_shapes=row_shapes)
             train = TrainingSet(tensors["encodings"], tensors.get("conditions"), self.ids)
             self._engine = Engine(self.model, train, self.grid, progress=self.progress)
         return self._engine
+
+    @contextmanager
+    def _settings_forgotten_on_error(self, first_run: bool | None = None) -> Iterator[None]:
+        """A first run that fails while reading the training set (an unreadable image) leaves no
+        settings behind: the rerun after the fix must not be refused as another data set's.
+        ``first_run``: whether the run directory had no settings when the verb began (default: now)."""
+        if first_run is None:
+            first_run = self.run.load_config() is None
+        try:
+            yield
+        except DiffattrError:
+            if first_run:
+                self.run.forget_settings()
+                self._checked_attribution = None
+            raise
 
     def encodings(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The training set's encodings and conditions as whole tensors, loaded once: for small sets
@@ -488,6 +499,7 @@ class Attributor:
         top_k: int = 10,
         method: str = "forward-inf",
         candidates: int | None = None,
+        retriever: str = "l2",
     ) -> list[AttributionResult]:
         """Ranks the training images by their influence on each query image.
 
@@ -506,6 +518,9 @@ class Attributor:
             candidates: score only the M training images nearest each query (and their near
                 duplicates; ``candidates.py``): a query costs M·K rows instead of N·K. The others
                 get score −inf; results go to ``queries/<query-id>-candidates<M>/``.
+            retriever: how ``candidates`` are found: ``l2`` (the M nearest encodings) or ``loss``
+                (those, and the M that the query's perturbed copy moves most at one grid timestep:
+                one more pass of N rows at 1 of the K timesteps; ``-loss`` ends the folder name).
 
         Returns:
             One :class:`AttributionResult` per query, also written under ``<run-dir>/queries/``.
@@ -519,6 +534,10 @@ class Attributor:
             raise DiffattrError(f"--method {method!r}: must be one of {method_names()}")
         if candidates is not None and candidates < 1:
             raise DiffattrError(f"--candidates {candidates}: must be at least 1 (leave it out to score every image)")
+        if retriever not in RETRIEVERS:
+            raise DiffattrError(f"--retriever {retriever!r}: must be one of {sorted(RETRIEVERS)}")
+        if retriever != "l2" and candidates is None:
+            raise DiffattrError(f"--retriever {retriever} finds the --candidates: give --candidates M too")
         if candidates is not None and method != "forward-inf":
             raise DiffattrError(f"--candidates pre-filters Forward-INF's pass: drop it with --method {method}")
         if candidates is not None and not AGGREGATIONS[self.attribution.aggregation].per_image:
@@ -536,11 +555,12 @@ class Attributor:
         saved_before = self._results_saved
         try:
             baseline = self.cache()
-            size = 1 if candidates is not None else self.engine().queries_per_pass()
+            prefilter = None if candidates is None else Prefilter(candidates, retriever)
+            size = 1 if prefilter is not None else self.engine().queries_per_pass()
             return [
                 result
                 for start in range(0, len(batch), size)
-                for result in self._attribute_group(batch[start : start + size], baseline, top_k, candidates)
+                for result in self._attribute_group(batch[start : start + size], baseline, top_k, prefilter)
             ]
         except DiffattrError:  # e.g. a perturbation that diverged: the rerun with a smaller --lr must not be refused
             if first_attribution and self._results_saved == saved_before:
@@ -572,9 +592,9 @@ class Attributor:
         ]
 
     def _attribute_group(
-        self, queries: list[_Query], baseline: torch.Tensor, k: int, candidates: int | None
+        self, queries: list[_Query], baseline: torch.Tensor, k: int, prefilter: Prefilter | None
     ) -> list[AttributionResult]:
-        """Queries whose perturbed copies share one pass (one query with ``candidates``: its own rows)."""
+        """Queries whose perturbed copies share one pass (one query with a ``prefilter``: its own rows)."""
         query_ids = [query_id_for(q.path, q.condition) for q in queries]
         keys = [query_key(q.path, q.condition) for q in queries]  # seed the perturbations
         # One at a time, as a lone query is encoded (a batched VAE could round differently); rank 0's
@@ -582,12 +602,26 @@ class Attributor:
         encodings = torch.cat([self.model.encode(q.pixels[None].to(self.model.device)) for q in queries])
         distributed.broadcast(encodings)
         engine = self.engine()
-        start = time.perf_counter()
-        rows = None if candidates is None else candidate_rows(encodings[0], engine.train.encodings, candidates)
-        retrieve_seconds = time.perf_counter() - start
+        items = [(e, q.conditions, "perturb:" + key) for e, q, key in zip(encodings, queries, keys)]
+        copies = engine.perturb(items, self.attribution, progress=self.progress)
+        rows, retrieve_seconds = None, 0.0
+        if prefilter is not None:
+            start = time.perf_counter()
+            rows = candidate_rows(encodings[0], engine.train.encodings, prefilter.count)
+            if prefilter.retriever == "loss":
+                moved = engine.loss_candidates(
+                    copies[0],
+                    self.attribution,
+                    prefilter.count,
+                    baseline=baseline,
+                    reference=self._reference_if_needed(),
+                    progress=self.progress,
+                )
+                rows = torch.unique(torch.cat([rows, moved]))  # sorted
+            retrieve_seconds = time.perf_counter() - start
         more = f" and {len(queries) - 1} more" if len(queries) > 1 else ""
-        responses = engine.respond_many(
-            [(e, q.conditions, "perturb:" + key) for e, q, key in zip(encodings, queries, keys)],
+        responses = engine.score_copies(
+            copies,
             self.attribution,
             progress=self.progress,
             description=f"scoring {queries[0].path.name}{more}",
@@ -596,9 +630,13 @@ class Attributor:
         if rows is not None:
             responses[0].timings["retrieve_seconds"] = retrieve_seconds
         return [
-            self._attribute_one(query, query_id, response, baseline, k, candidates)
+            self._attribute_one(query, query_id, response, baseline, k, prefilter)
             for query, query_id, response in zip(queries, query_ids, responses)
         ]
+
+    def _reference_if_needed(self) -> torch.Tensor | None:
+        """The calibration reference when the run's aggregation needs it, else ``None``."""
+        return self.calibration() if AGGREGATIONS[self.attribution.aggregation].needs_calibration else None
 
     def _attribute_one(
         self,
@@ -607,12 +645,10 @@ class Attributor:
         response: Response,
         baseline: torch.Tensor,
         k: int,
-        candidates: int | None,
+        prefilter: Prefilter | None,
     ) -> AttributionResult:
         engine, rows = self.engine(), response.rows
-        needs_calibration = AGGREGATIONS[self.attribution.aggregation].needs_calibration
-        reference = self.calibration() if needs_calibration else None
-        scores = engine.score(response, baseline, self.attribution, reference=reference)
+        scores = engine.score(response, baseline, self.attribution, reference=self._reference_if_needed())
         if response.steps == 0:
             cause = "the perturbed copy took no optimizer step (--steps 0, or a stopping rule met at the start)"
         else:
@@ -625,7 +661,7 @@ class Attributor:
             k = min(k, len(rows))
         result = AttributionResult(
             query=str(query.path),
-            query_id=query_id if candidates is None else f"{query_id}-candidates{candidates}",
+            query_id=query_id if prefilter is None else query_id + prefilter.suffix,
             ids=self.ids,
             scores=scores,
             deltas=deltas,
@@ -646,11 +682,14 @@ class Attributor:
             record["perturb_steps"] = response.steps
         if rows is not None:
             record["candidates"] = {
-                "count": candidates,
+                "count": prefilter.count,
                 "scored": len(rows),
-                "retriever": "RMS distance of the encodings",
+                "retriever": RETRIEVERS[prefilter.retriever],
                 "duplicate_radius": DUPLICATE_RADIUS,
             }
+            if prefilter.retriever == "loss":
+                column = retrieval_column(len(self.timesteps))
+                record["candidates"]["retrieval_timestep"] = int(self.timesteps[column])
         self._save(result, query, tensors=tensors, record=record)
         return result
 
@@ -668,38 +707,43 @@ class Attributor:
         in N): computed once and sharded in the run directory (an interrupted featurisation
         resumes after its last shard), or, for a scorer whose features are the images, on the fly."""
         if scorer.name not in self._train_features:
-            self._open_run(with_attribution=False)
-            in_pixels = scorer.space == "pixels" and self.model.is_latent
-            encodings, conditions = (None, None) if in_pixels else self.training_encodings()
-            num_images = len(self.ids)
-
-            def featurise(start: int, stop: int) -> torch.Tensor:
-                if in_pixels:
-                    images = torch.stack([self.load_record(self.data, r) for r in self.data.records[start:stop]])
-                else:
-                    images = encodings[start:stop]
-                rows = None if conditions is None else conditions[start:stop]
-                part = "" if stop - start == num_images else f" {start}–{stop}"
-                return scorer.featurise(images, rows, self.ids[start:stop], description=f"training set{part}")
-
-            if not scorer.cached:
-                features = ComputedRows(num_images, ENCODING_SHARD_ROWS, featurise)
-            else:
-                folder, stamp = self.run.features_dir(scorer.name, scorer.feature_settings())
-                if not shards_complete(folder):
-                    write_shards(
-                        folder,
-                        num_images,
-                        lambda start, stop: {"features": featurise(start, stop)},
-                        shard_rows=ENCODING_SHARD_ROWS,
-                        stamp=stamp,
-                    )
-                features = ShardedTensor.open(folder, stamp=stamp, num_rows=num_images)["features"]
-            self._train_features[scorer.name] = features
+            with self._settings_forgotten_on_error():
+                self._train_features[scorer.name] = self._open_train_features(scorer)
         return self._train_features[scorer.name]
+
+    def _open_train_features(self, scorer: Scorer) -> ShardedTensor | ComputedRows:
+        self._open_run(with_attribution=False)
+        in_pixels = scorer.space == "pixels" and self.model.is_latent
+        encodings, conditions = (None, None) if in_pixels else self.training_encodings()
+        num_images = len(self.ids)
+
+        def featurise(start: int, stop: int) -> torch.Tensor:
+            if in_pixels:
+                images = torch.stack([self.load_record(self.data, r) for r in self.data.records[start:stop]])
+            else:
+                images = encodings[start:stop]
+            rows = None if conditions is None else conditions[start:stop]
+            part = "" if stop - start == num_images else f" {start}–{stop}"
+            return scorer.featurise(images, rows, self.ids[start:stop], description=f"training set{part}")
+
+        if not scorer.cached:
+            features = ComputedRows(num_images, ENCODING_SHARD_ROWS, featurise)
+        else:
+            folder, stamp = self.run.features_dir(scorer.name, scorer.feature_settings())
+            if not shards_complete(folder):
+                write_shards(
+                    folder,
+                    num_images,
+                    lambda start, stop: {"features": featurise(start, stop)},
+                    shard_rows=ENCODING_SHARD_ROWS,
+                    stamp=stamp,
+                )
+            features = ShardedTensor.open(folder, stamp=stamp, num_rows=num_images)["features"]
+        return features
 
     def _attribute_baseline(self, method: str, queries: list[_Query], k: int) -> list[AttributionResult]:
         scorer = self.scorer(method)
+        first_run = self.run.load_config() is None
         start = time.perf_counter()
         train = self.train_features(scorer)
         setup_seconds = time.perf_counter() - start
@@ -713,7 +757,11 @@ class Attributor:
         # compares one set of query features).
         names = ["query:" + query_key(q.path, q.condition) for q in queries]
         features = scorer.featurise(images, conditions, names, description="queries")
-        scores = scorer.scores(features, train)
+        with self._settings_forgotten_on_error(first_run):  # pixel baselines read the training images here
+            scores = scorer.scores(features, train)
+        if not torch.isfinite(scores).all():
+            advice = "raise --damping (inf gives the plain dot product)" if method == "dtrak" else "check the model"
+            raise DiffattrError(f"--method {method} gave non-finite scores: {advice}")
         score_seconds = (time.perf_counter() - start) / len(queries)
         config = {"scoring": self.run_config(with_attribution=False)["scoring"], **settings}
         results = []

@@ -8,6 +8,12 @@ the retriever costs no extra pass) and the query's, and keeps the M nearest plus
 duplicate (RMS distance ≤ ``duplicate_radius``) of the M nearest images: a copy of one of them is
 never dropped, whatever M.
 
+``--retriever loss`` adds the images the query's perturbed copy moves most: one pass over the
+training set at a single grid timestep (:func:`retrieval_column`; N rows instead of N·K), scored by
+the run's aggregation on that column, its top M joining the M nearest. The perturbation's signal finds
+the influences that are not pixel neighbours (a style, a concept); the encodings' distance keeps the
+near-duplicate guarantee. A query then costs N + (≤ 2M)·K rows.
+
 Exact search, one shard of encodings at a time (memory: N distances): it costs one subtraction per
 encoding value, far below one UNet forward per candidate, so an approximate index would not change
 the per-query cost.
@@ -15,11 +21,38 @@ the per-query cost.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 # RMS difference (in the model's space; pixels in [-1, 1]) up to which two images are near duplicates:
 # the audit's copy tolerance.
 DUPLICATE_RADIUS = 0.02
+
+
+RETRIEVERS = {
+    "l2": "RMS distance of the encodings",
+    "loss": "RMS distance of the encodings, and the perturbed copy's score at one timestep",
+}
+
+
+class Prefilter(NamedTuple):
+    """``--candidates M`` with its ``--retriever``."""
+
+    count: int
+    retriever: str = "l2"
+
+    @property
+    def suffix(self) -> str:
+        """What the query's folder name carries, so that each pre-filter keeps its own results."""
+        return f"-candidates{self.count}" + ("" if self.retriever == "l2" else f"-{self.retriever}")
+
+
+def retrieval_column(num_timesteps: int) -> int:
+    """The grid column ``--retriever loss`` scores every image at: the one nearest the first quartile
+    of the noise levels (t ≈ T/4 on the default grid; of t ≈ T/4, T/2 and 3T/4, it kept the most of
+    the full pass's top-10 on the customization protocol, ``benchmarks/eval_retrievers.py``)."""
+    return round((num_timesteps - 1) / 4)
 
 
 def _chunks(encodings, chunk_rows: int = 1024):

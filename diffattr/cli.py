@@ -155,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: all)",
     )
     attribute.add_argument(
+        "--retriever",
+        default="l2",
+        choices=["l2", "loss"],
+        help="how --candidates are found: l2, the M nearest encodings (default); loss, those and the M the "
+        "query's perturbed copy moves most at one timestep (one more pass at 1 of the K timesteps)",
+    )
+    attribute.add_argument(
         "--method",
         default="forward-inf",
         choices=method_names(),
@@ -262,6 +269,7 @@ def run(args: argparse.Namespace) -> None:
             top_k=args.top_k,
             method=args.method,
             candidates=args.candidates,
+            retriever=args.retriever,
         )
         for result in results:
             _say(result.table())

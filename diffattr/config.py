@@ -223,10 +223,16 @@ class AttributionConfig(_JSONConfig):
             )
         _check(self.calibration_images >= 2, "calibration_images", self.calibration_images, "at least 2")
         _check(bool(self.params), "params", self.params, "all, attention, cross-attention-kv, mucs, lora or a regex")
-        try:
-            re.compile(self.params)
-        except re.error as error:
-            raise DiffattrError(f"--params {self.params!r}: not a valid regular expression ({error})") from None
+        _check_regex("params", self.params)
+
+
+def _check_regex(name: str, value: str) -> None:
+    """A parameter selector that names no preset is a regex: refused here, before anything is written."""
+    try:
+        re.compile(value)
+    except re.error as error:
+        flag = "--" + name.replace("_", "-")
+        raise DiffattrError(f"{flag} {value!r}: not a valid regular expression ({error})") from None
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,7 @@ class GradientConfig(_JSONConfig):
         _check(self.projection_dim >= 1, "projection_dim", self.projection_dim, "at least 1")
         _check(self.damping > 0, "damping", self.damping, "positive (inf for no kernel)")
         _check(self.projection in ("gaussian", "sparse"), "projection", self.projection, "gaussian or sparse")
+        _check_regex("gradient_params", self.gradient_params)
 
 
 @dataclass(frozen=True)

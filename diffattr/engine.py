@@ -21,19 +21,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from .candidates import retrieval_column
 from .config import AttributionConfig
 from .denoisers import Denoiser
 from .errors import DiffattrError
 from .fisher import diagonal_fisher
 from .losses import LossMatrix, loss_matrices, loss_matrix
 from .noise import ScoringGrid, noise_key
-from .perturb import perturbed_copy, select_parameters
-from .scoring import AGGREGATIONS, aggregate
+from .perturb import PerturbedCopy, perturbed_copy, select_parameters
+from .scoring import AGGREGATIONS, aggregate, top_k
 
 
 @dataclass
@@ -80,6 +82,14 @@ class Response:
     steps: int
     timings: dict[str, float] = field(default_factory=dict)
     rows: torch.Tensor | None = None  # the training rows scored (``--candidates``); None: all, in order
+
+
+class Perturbation(NamedTuple):
+    """A perturbed copy (:meth:`Engine.perturb`), the seconds it took, and the name that seeded it."""
+
+    copy: PerturbedCopy
+    seconds: float
+    name: str
 
 
 # The most memory the perturbed copies of one shared pass may hold together.
@@ -250,7 +260,21 @@ class Engine:
         Args:
             items: ``(encoding, condition, name)`` per image, as the arguments of :meth:`respond`.
         """
-        copies, perturb_seconds = [], []
+        copies = self.perturb(items, config, progress=progress)
+        return self.score_copies(
+            copies,
+            config,
+            progress=progress,
+            description=description,
+            with_prediction_change=with_prediction_change,
+            images=images,
+        )
+
+    def perturb(
+        self, items: list[tuple[torch.Tensor, torch.Tensor | None, str]], config: AttributionConfig, *, progress=False
+    ) -> list[Perturbation]:
+        """The perturbed copy of each ``(encoding, condition, name)`` and the seconds it took."""
+        copies = []
         for encoding, condition, name in items:
             start = time.perf_counter()
             copy = perturbed_copy(
@@ -265,8 +289,22 @@ class Engine:
                 fisher=self.fisher(config) if config.ewc_weight else None,
             )
             distributed.broadcast_parameters(copy.network)  # sharded: every process scores rank 0's copy
-            copies.append(copy)
-            perturb_seconds.append(time.perf_counter() - start)
+            copies.append(Perturbation(copy, time.perf_counter() - start, name))
+        return copies
+
+    def score_copies(
+        self,
+        copies: list[Perturbation],
+        config: AttributionConfig,
+        *,
+        progress: bool = False,
+        description: str = "scoring",
+        with_prediction_change: bool | None = None,
+        images: torch.Tensor | None = None,
+        columns: list[int] | None = None,
+    ) -> list[Response]:
+        """One pass over the training set (its rows ``images``, its grid ``columns``) scored by every
+        copy of :meth:`perturb`: each loaded and noised batch is shared by all of them."""
         needs_change = with_prediction_change
         if needs_change is None:
             needs_change = AGGREGATIONS[config.aggregation].needs_prediction_change
@@ -277,27 +315,57 @@ class Engine:
             self.train.conditions,
             self.ids,
             self.grid,
-            networks=[copy.network for copy in copies],
+            networks=[p.copy.network for p in copies],
             images=images,
+            columns=columns,
             reference_network=self.model.network if needs_change else None,
             progress=progress,
             description=description,
         )
-        score_seconds = (time.perf_counter() - start) / len(items)  # the shared pass, per image
-        for (_, _, name), after in zip(items, matrices):
+        score_seconds = (time.perf_counter() - start) / len(copies)  # the shared pass, per copy
+        for perturbation, after in zip(copies, matrices):
             _check_finite(
-                after.losses, f"the training losses after the perturbation on {name}", "lower --lr or --steps"
+                after.losses,
+                f"the training losses after the perturbation on {perturbation.name}",
+                "lower --lr or --steps",
             )
         return [
             Response(
                 after,
-                copy.query_losses,
-                copy.steps,
-                {"perturb_seconds": seconds, "score_seconds": score_seconds, "queries_per_pass": len(items)},
+                p.copy.query_losses,
+                p.copy.steps,
+                {"perturb_seconds": p.seconds, "score_seconds": score_seconds, "queries_per_pass": len(copies)},
                 images,
             )
-            for after, copy, seconds in zip(matrices, copies, perturb_seconds)
+            for after, p in zip(matrices, copies)
         ]
+
+    def loss_candidates(
+        self,
+        perturbation: Perturbation,
+        config: AttributionConfig,
+        count: int,
+        *,
+        baseline: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """The ``count`` training rows (ascending) that score highest at one grid timestep: the
+        ``--retriever loss`` stage of the pre-filter, one pass of N rows at 1 of K timesteps."""
+        column = [retrieval_column(len(self.grid.timesteps))]
+        (response,) = self.score_copies(
+            [perturbation], config, progress=progress, description="retrieving", columns=column
+        )
+        scores = aggregate(
+            config.aggregation,
+            baseline=baseline[:, column],
+            after=response.after.losses,
+            direction=config.direction,
+            change=response.after.prediction_change,
+            reference=reference,  # per image, whatever the columns
+        )
+        _check_finite(scores, "the retriever's scores", "lower --lr or --steps, or try --retriever l2")
+        return top_k(scores, count)[1].sort().values
 
     def calibration(self, config: AttributionConfig, baseline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each image's usual response, for the ``calibrated`` aggregation.
@@ -363,6 +431,7 @@ class Engine:
         baseline: torch.Tensor,
         aggregations: Iterable[str] = ("calibrated", "loss", "zscore", "relative", "ratio"),
         reference: torch.Tensor | None = None,
+        losses_out: list[torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Scores of many queries under several aggregations, one perturbation and pass per query.
 
@@ -370,6 +439,7 @@ class Engine:
             baseline: ``(N, K)`` from :meth:`baseline`.
             aggregations: registered names; the calibration is computed here when one needs it
                 and ``reference`` is not given.
+            losses_out: if given, each query's A ``(N, K)`` is appended to it, in query order.
 
         Returns:
             ``{aggregation: (Q, N) scores}``.
@@ -385,4 +455,6 @@ class Engine:
             for q, response in zip(group, self.respond_many(items, config, with_prediction_change=needs_change)):
                 for name in aggregations:
                     out[name][q] = self.score(response, baseline, config, aggregation=name, reference=reference)
+                if losses_out is not None:
+                    losses_out.append(response.after.losses)
         return out

@@ -26,8 +26,10 @@ def _write(path: Path, write) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run from the user's group
         write(temporary)
+        # mkstemp's 0600 would hide the run from the user's group; set after writing, since a
+        # writer may recreate the file (safetensors' save_file does)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -133,6 +133,7 @@ def loss_matrix(
     grid: ScoringGrid,
     *,
     images: range | torch.Tensor | None = None,
+    columns: list[int] | None = None,
     network: torch.nn.Module | None = None,
     reference_network: torch.nn.Module | None = None,
     progress: bool = True,
@@ -148,6 +149,8 @@ def loss_matrix(
         grid: timesteps, draws, seed and batch size of the run.
         images: the image rows to score, a range or a ``(M,)`` index tensor (default: all); the
             result has ``len(images)`` rows, in that order.
+        columns: the grid timesteps to score, as indices into ``grid.timesteps`` (default: all);
+            each keeps its noise, so the result's columns are those columns of the full matrix.
         network: network to score (default: the model's own).
         reference_network: if given, also measure the change of prediction against it.
         progress: show a progress bar.
@@ -164,6 +167,7 @@ def loss_matrix(
         grid,
         networks=[network],
         images=images,
+        columns=columns,
         reference_network=reference_network,
         progress=progress,
         description=description,
@@ -181,6 +185,7 @@ def loss_matrices(
     *,
     networks: list[torch.nn.Module | None],
     images: range | torch.Tensor | None = None,
+    columns: list[int] | None = None,
     reference_network: torch.nn.Module | None = None,
     progress: bool = True,
     description: str = "scoring",
@@ -200,6 +205,7 @@ def loss_matrices(
         ids,
         grid,
         rows[mine.start : mine.stop],
+        torch.arange(len(grid.timesteps)) if columns is None else torch.as_tensor(columns, dtype=torch.long),
         networks,
         reference_network,
         progress and distributed.is_main(),
@@ -219,12 +225,13 @@ def _local_loss_matrices(
     ids: list[str],
     grid: ScoringGrid,
     images: torch.Tensor,
+    columns: torch.Tensor,
     networks: list[torch.nn.Module | None],
     reference_network: torch.nn.Module | None,
     progress: bool,
     description: str,
 ) -> list[LossMatrix]:
-    num_images, num_timesteps, num_draws = len(images), len(grid.timesteps), grid.num_draws
+    num_images, num_timesteps, num_draws = len(images), len(columns), grid.num_draws
     device, shape = model.device, tuple(encodings.shape[1:])
     timesteps = grid.timesteps.to(device)
     rows_per_image = num_timesteps * num_draws
@@ -235,7 +242,7 @@ def _local_loss_matrices(
         for start in range(0, total, grid.batch_size):
             rows = torch.arange(start, min(start + grid.batch_size, total))
             image = images[rows // rows_per_image]
-            k, draw = (rows // num_draws) % num_timesteps, rows % num_draws
+            k, draw = columns[(rows // num_draws) % num_timesteps], rows % num_draws  # k: the grid's index
             keys = [
                 noise_key(grid.seed, ids[i], kk, ss) for i, kk, ss in zip(image.tolist(), k.tolist(), draw.tolist())
             ]

@@ -9,9 +9,10 @@ keys, plus ``index.json`` (written last, so a folder without it is unfinished)::
 
 Shard j holds rows ``[j·S, (j+1)·S)``. A reader loads one shard at a time, so scoring a training
 set of any size keeps one shard (plus the model) in memory; an interrupted writer resumes after
-its last complete shard. Every shard and the index carry the run's stamp (``store.py``), and each
-shard is checked when read (stamp, rows, row shape, dtype, finite values): a shard of another run,
-a damaged one or a missing one is refused by name.
+its last complete shard, and a shard deleted later is recomputed. Every shard carries the run's
+stamp (``store.py``) with its own place, the index the run's stamp, and each shard is checked when
+read (stamp and place, rows, row shape, dtype, finite values): a shard of another run, one moved
+to another name or a damaged one is refused by name.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def _shard_file(folder: Path, index: int) -> Path:
     return folder / f"{index:05d}.safetensors"
 
 
+def _shard_stamp(stamp: str, index: int) -> str:
+    """Shard ``index``'s stamp: the run's, and its place, so that a shard moved to another name is
+    refused (its rows would be read as other images' rows)."""
+    return f"{stamp}:shard{index}"
+
+
 def write_shards(
     folder: Path,
     num_rows: int,
@@ -65,7 +72,7 @@ def write_shards(
         stop = min(start + shard_rows, num_rows)
         if present(path):
             try:
-                read_header(path, stamp)
+                read_header(path, _shard_stamp(stamp, index))
                 continue
             except DiffattrError:  # left by an unfinished run under other settings, or damaged: redone
                 pass
@@ -74,15 +81,26 @@ def write_shards(
             if len(value) != stop - start:
                 raise ValueError(f"{key}: {len(value)} rows for shard rows [{start}, {stop})")
         keys = sorted(tensors)
-        write_tensors(path, tensors, {STAMP_KEY: stamp})
+        write_tensors(path, tensors, {STAMP_KEY: _shard_stamp(stamp, index)})
     if keys is None:  # every shard was already there
-        keys = sorted(read_header(_shard_file(folder, 0), stamp))
+        keys = sorted(read_header(_shard_file(folder, 0), _shard_stamp(stamp, 0)))
     index = {"num_rows": num_rows, "shard_rows": shard_rows, "keys": keys, "stamp": stamp}
     write_json(folder / INDEX_FILE, index)
 
 
 def shards_complete(folder: Path) -> bool:
-    return present(folder / INDEX_FILE)
+    """Whether the folder was finished (its index written) and still holds every shard: a shard
+    deleted since (as a damaged one's error advises) is recomputed by :func:`write_shards`."""
+    if not present(folder / INDEX_FILE):
+        return False
+    try:
+        index = read_json(folder / INDEX_FILE)
+        rows, shard_rows = index["num_rows"], index["shard_rows"]
+    except (DiffattrError, KeyError, TypeError):
+        return True  # a damaged index: opening it says so, by name
+    if not all(type(n) is int for n in (rows, shard_rows)) or shard_rows < 1:
+        return True
+    return all(present(_shard_file(folder, j)) for j in range(-(-rows // shard_rows)))
 
 
 def _read_index(folder: Path, stamp: str, num_rows: int) -> dict:
@@ -91,11 +109,17 @@ def _read_index(folder: Path, stamp: str, num_rows: int) -> dict:
     redo = f"delete {folder} to recompute"
     if not isinstance(index, dict) or index.get("stamp") != stamp:
         raise DiffattrError(f"{path}: written under other settings than the run directory's config.json; {redo}")
-    if index.get("num_rows") != num_rows:
-        raise DiffattrError(f"{path}: {index.get('num_rows')!r} rows for {num_rows} training images; {redo}")
-    shard_rows, keys = index.get("shard_rows"), index.get("keys")
-    if not (isinstance(shard_rows, int) and shard_rows >= 1 and isinstance(keys, list) and keys):
+    rows, shard_rows, keys = index.get("num_rows"), index.get("shard_rows"), index.get("keys")
+    if not (
+        all(isinstance(n, int) and not isinstance(n, bool) for n in (rows, shard_rows))
+        and shard_rows >= 1
+        and isinstance(keys, list)
+        and keys
+        and all(isinstance(key, str) for key in keys)
+    ):
         raise DiffattrError(f"{path}: not a shard index; {redo}")
+    if rows != num_rows:
+        raise DiffattrError(f"{path}: {rows!r} rows for {num_rows} training images; {redo}")
     return index
 
 
@@ -144,7 +168,7 @@ class ShardedTensor:
     def _shard(self, index: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != index:
             path = _shard_file(self.folder, index)
-            tensor = read_tensors(path, stamp=self.stamp).get(self.key)
+            tensor = read_tensors(path, stamp=_shard_stamp(self.stamp, index)).get(self.key)
             if tensor is None:
                 raise DiffattrError(f"{path}: no tensor {self.key!r}; delete {self.folder} to recompute")
             rows = min(self.shard_rows, self.num_rows - index * self.shard_rows)

@@ -149,14 +149,19 @@ def test_cache_computes_everything_a_query_needs(tmp_path, tiny_model, tiny_data
     attributor.cache()
     assert (tmp_path / "calibration.safetensors").is_file()
     calls = []
-    original = Engine.respond_many
-    monkeypatch.setattr(
-        Engine, "respond_many", lambda self, items, *a, **k: calls.append(len(items)) or original(self, items, *a, **k)
-    )
+    for name in ("perturb", "score_copies"):
+        original = getattr(Engine, name)
+        monkeypatch.setattr(
+            Engine,
+            name,
+            lambda self, items, *a, _name=name, _original=original, **k: (
+                calls.append((_name, len(items))) or _original(self, items, *a, **k)
+            ),
+        )
     monkeypatch.setattr(Engine, "baseline", lambda *a, **k: pytest.fail("the baseline was recomputed"))
     fresh = Attributor(tiny_model, tiny_data, tmp_path, attribution=config, progress=False)
     fresh.attribute(tiny_data / "a/img_000.png")
-    assert calls == [1]  # the query's own perturbation and pass, nothing else
+    assert calls == [("perturb", 1), ("score_copies", 1)]  # the query's own perturbation and pass, nothing else
 
 
 def test_a_calibration_serves_only_its_own_attribution_settings(tmp_path, tiny_model, tiny_data):

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from diffattr import AttributionConfig, Attributor, DiffusionModel
-from diffattr.candidates import candidate_rows, rms_distances
+from diffattr.candidates import candidate_rows, retrieval_column, rms_distances
 from diffattr.data import save_image
 from diffattr.demo import toy_paths
 from diffattr.errors import DiffattrError
 from diffattr.sampling import generate
+from diffattr.scoring import direction_sign, top_k
 from diffattr.store import read_json
 
 
@@ -47,6 +48,29 @@ def test_candidates_are_scored_as_in_the_full_pass(tmp_path, tiny_model, tiny_da
     zscore = Attributor(tiny_model, tiny_data, tmp_path / "z", attribution=AttributionConfig(aggregation="zscore"))
     with pytest.raises(DiffattrError, match="--aggregation zscore"):
         zscore.attribute(query, candidates=3)
+
+
+def test_the_loss_retriever_adds_the_images_the_copy_moves_most_at_one_timestep(tmp_path, tiny_model, tiny_data):
+    config = AttributionConfig(steps=2, draws_per_step=8, aggregation="loss")
+    attributor = Attributor(tiny_model, tiny_data, tmp_path, attribution=config, progress=False)
+    query = tiny_data / "a/img_004.png"
+    (full,) = attributor.attribute(query, top_k=12)
+    (some,) = attributor.attribute(query, top_k=12, candidates=3, retriever="loss")
+    # expected: the 3 nearest encodings, and the 3 largest loss rises at the retriever's column
+    column = retrieval_column(len(attributor.timesteps))
+    moved = top_k(direction_sign(config.direction) * full.deltas[:, column], 3)[1]
+    nearest = candidate_rows(attributor.load_image(query), attributor.encodings()[0], 3)
+    kept = torch.isfinite(some.scores)
+    assert torch.nonzero(kept).flatten().tolist() == sorted({*moved.tolist(), *nearest.tolist()})
+    assert set(moved.tolist()) - set(nearest.tolist())  # the loss stage added images ℓ2 did not find
+    torch.testing.assert_close(some.scores[kept], full.scores[kept], rtol=1e-5, atol=1e-6)
+    (folder,) = [f for f in (tmp_path / "queries").iterdir() if f.name.endswith("-candidates3-loss")]
+    record = read_json(folder / "result.json")["candidates"]
+    assert record["scored"] == kept.sum() and record["retrieval_timestep"] == attributor.timesteps[column]
+    with pytest.raises(DiffattrError, match="--retriever loss finds the --candidates"):
+        attributor.attribute(query, retriever="loss")
+    with pytest.raises(DiffattrError, match="--retriever 'dino'"):
+        attributor.attribute(query, candidates=3, retriever="dino")
 
 
 def test_a_replica_is_attributed_to_its_canary_from_few_candidates(toy_run_dir, tmp_path):

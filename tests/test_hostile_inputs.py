@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from diffattr.attributor import _sidecar_prompt
 from diffattr.cli import main
 from diffattr.data import ImageFolder, load_image
+from diffattr.demo import assets_dir
 from diffattr.errors import DiffattrError
 from diffattr.store import write_json
 
@@ -391,14 +392,15 @@ def test_6_a_damaged_cache_is_named(capsys, run_dir, tiny_model, tiny_data, file
     assert match in line
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
-def test_6_a_truncated_or_missing_shard_is_named(capsys, run_dir, tiny_model, tiny_data, damage):
+def test_6_a_truncated_shard_is_named_and_once_deleted_recomputed(capsys, run_dir, tiny_model, tiny_data):
     shard = run_dir / "encodings" / "00000.safetensors"
-    if damage == "truncated":
-        shard.write_bytes(shard.read_bytes()[:100])
-    else:
-        shard.unlink()
-    one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run_dir), match="00000.safetensors")
+    before = shard.read_bytes()
+    shard.write_bytes(before[:100])
+    line = one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run_dir), match="00000.safetensors")
+    assert "delete it to recompute" in line
+    shard.unlink()  # as the message says: the shard is recomputed, the same bytes
+    assert cli(capsys, "cache", *common(tiny_model, tiny_data, run_dir))[0] == 0
+    assert shard.read_bytes() == before
 
 
 # -- 7. JSONL splits on newlines only ----------------------------------------------------------
@@ -1015,3 +1017,60 @@ def test_reprobe_odd_query_objects_are_one_clear_error(tmp_path):
     ]:
         with pytest.raises(DiffattrError, match=match):
             image_file_bytes(bad)
+
+
+# -- the last probe: shards in their places, settings of a first failed run, flags named ----------
+
+
+def test_last_probe_shards_swapped_between_names_are_refused(capsys, monkeypatch, tmp_path, tiny_model, tiny_data):
+    monkeypatch.setattr("diffattr.attributor.ENCODING_SHARD_ROWS", 5)  # 12 images: 3 shards
+    run = tmp_path / "run"
+    assert cli(capsys, "cache", *common(tiny_model, tiny_data, run))[0] == 0
+    first, second = run / "encodings" / "00000.safetensors", run / "encodings" / "00001.safetensors"
+    first.rename(run / "x")
+    second.rename(first)
+    (run / "x").rename(second)
+    one_line_error(capsys, "cache", *common(tiny_model, tiny_data, run), match="encodings/0000")
+
+
+def test_last_probe_a_pixel_baseline_of_a_latent_model_leaves_no_settings_after_a_bad_image(capsys, tmp_path):
+    data = tmp_path / "concept"
+    shutil.copytree(assets_dir() / "tiny-sd" / "concept", data)
+    good = (data / "sks_2.png").read_bytes()
+    (data / "sks_2.png").write_bytes(good[:60])
+    args = ["--model", assets_dir() / "tiny-sd" / "model", "--train", data, "--run-dir", tmp_path / "run"]
+    args += ["--quiet", "--timesteps", "2", "--query", data / "sks_0.png", "--prompt", "x", "--method", "pixel"]
+    one_line_error(capsys, "attribute", *args, match="sks_2.png: cannot read this image")
+    (data / "sks_2.png").write_bytes(good)  # fixed: the rerun is not refused as another data set's
+    code, err = cli(capsys, "attribute", *args)
+    assert code == 0, err
+
+
+def test_last_probe_a_bad_gradient_params_regex_is_named_before_anything_is_written(
+    capsys, tmp_path, tiny_model, tiny_data
+):
+    run = tmp_path / "run"
+    args = common(tiny_model, tiny_data, run, "--query", tiny_data / "a/img_000.png", "--method", "tracin")
+    one_line_error(capsys, "attribute", *args, "--gradient-params", "[", match="--gradient-params '['")
+    assert not run.exists()
+
+
+def test_last_probe_a_damping_that_overflows_is_named_and_leaves_no_query_folder(
+    capsys, tmp_path, tiny_model, tiny_data
+):
+    run = tmp_path / "run"
+    args = common(tiny_model, tiny_data, run, "--query", tiny_data / "a/img_000.png", "--method", "dtrak")
+    args += ["--projection-dim", "64", "--damping", "1e-300"]
+    one_line_error(capsys, "attribute", *args, match="--damping")
+    assert not any((run / "queries").glob("*")) if (run / "queries").exists() else True
+
+
+def test_last_probe_safetensors_artifacts_follow_the_umask(tmp_path):
+    from diffattr.store import write_tensors
+
+    mask = os.umask(0o022)
+    try:
+        write_tensors(tmp_path / "t.safetensors", {"x": torch.zeros(2)})
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644

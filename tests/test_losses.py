@@ -37,6 +37,15 @@ def test_a_row_range_is_the_same_rows_of_the_full_matrix(setup):
     assert torch.allclose(part, full[3:8], rtol=1e-5, atol=1e-7)
 
 
+def test_some_grid_columns_are_those_columns_of_the_full_matrix(setup):
+    model, encodings, ids = setup
+    full = _baseline(model, encodings, ids, batch_size=7)
+    grid = _grid(model, batch_size=5)
+    part = loss_matrix(model, encodings, None, ids, grid, images=[9, 2], columns=[3, 1], progress=False).losses
+    assert part.shape == (2, 2)
+    assert torch.allclose(part, full[[9, 2]][:, [3, 1]], rtol=1e-5, atol=1e-7)
+
+
 def test_each_row_is_the_denoising_loss_of_its_own_noise(setup):
     model, encodings, ids = setup
     grid = _grid(model, batch_size=16, draws=1)

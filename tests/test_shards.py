@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -60,3 +62,34 @@ def test_shards_of_another_run_are_redone_while_unfinished_and_refused_once_fini
         ShardedTensor.open(tmp_path / "a", stamp="new", num_rows=11)
     with pytest.raises(DiffattrError, match=r"shape \(4, 2, 3\), expected \(4, 3, 3\)"):
         ShardedTensor.open(tmp_path / "a", stamp="new", num_rows=10, row_shapes={"encodings": (3, 3)})
+
+
+def test_shards_swapped_between_names_are_refused(tmp_path):  # issue 15, final probe
+    write_shards(tmp_path, 10, _rows, shard_rows=4, stamp="s")
+    first, second = tmp_path / "00000.safetensors", tmp_path / "00001.safetensors"
+    first.rename(tmp_path / "x")
+    second.rename(first)
+    (tmp_path / "x").rename(second)
+    with pytest.raises(DiffattrError, match="00000.safetensors"):  # opening reads shard 0
+        ShardedTensor.open(tmp_path, stamp="s", num_rows=10)
+
+
+def test_a_shard_deleted_after_the_folder_was_finished_is_recomputed(tmp_path):  # issue 15, final probe
+    write_shards(tmp_path, 10, _rows, shard_rows=4, stamp="s")
+    (tmp_path / "00001.safetensors").unlink()  # as the error of a damaged shard advises
+    assert not shards_complete(tmp_path)
+    calls = []
+    write_shards(tmp_path, 10, lambda a, b: calls.append(a) or _rows(a, b), shard_rows=4, stamp="s")
+    assert calls == [4] and shards_complete(tmp_path)
+    assert torch.equal(
+        ShardedTensor.open(tmp_path, stamp="s", num_rows=10)["encodings"].load(), _rows(0, 10)["encodings"]
+    )
+
+
+@pytest.mark.parametrize("field, value", [("num_rows", 10.0), ("shard_rows", True), ("keys", [["encodings"]])])
+def test_an_index_with_a_wrong_typed_field_is_not_a_shard_index(tmp_path, field, value):  # issue 15
+    write_shards(tmp_path, 10, _rows, shard_rows=4, stamp="s")
+    index = json.loads((tmp_path / "index.json").read_text())
+    (tmp_path / "index.json").write_text(json.dumps({**index, field: value}))
+    with pytest.raises(DiffattrError, match="not a shard index"):
+        ShardedTensor.open(tmp_path, stamp="s", num_rows=10)
