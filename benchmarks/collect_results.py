@@ -41,7 +41,7 @@ SECTIONS = [
     ("queries", "benchmarks/bench_queries.py", "Many queries, one pass"),
     ("dtype_bf16", "benchmarks/bench_dtype.py", "Scoring precision: bf16 against fp32"),
     ("scale", "benchmarks/bench_scale.py", "Cost at realistic model sizes: Forward-INF vs D-TRAK"),
-    ("memory", "benchmarks/bench_memory.py", "Memory: 1k vs 10k training images"),
+    ("memory", "benchmarks/bench_memory.py", "Memory of every verb: 1k vs 10k training images"),
 ]
 # The summary's metric per protocol: (results name, key path into a method's entry, label).
 SUMMARY = [
