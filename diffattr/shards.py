@@ -42,10 +42,11 @@ def _shard_file(folder: Path, index: int) -> Path:
     return folder / f"{index:05d}.safetensors"
 
 
-def _shard_stamp(stamp: str, index: int) -> str:
-    """Shard ``index``'s stamp: the run's, and its place, so that a shard moved to another name is
-    refused (its rows would be read as other images' rows)."""
-    return f"{stamp}:shard{index}"
+def _shard_stamp(stamp: str, index: int, shard_rows: int) -> str:
+    """Shard ``index``'s stamp: the run's, and its place (index and rows per shard), so that a shard
+    moved to another name, or kept from a writer of another shard size, is never read as the rows
+    of other images."""
+    return f"{stamp}:shard{index}/{shard_rows}"
 
 
 def write_shards(
@@ -72,7 +73,7 @@ def write_shards(
         stop = min(start + shard_rows, num_rows)
         if present(path):
             try:
-                read_header(path, _shard_stamp(stamp, index))
+                read_header(path, _shard_stamp(stamp, index, shard_rows))
                 continue
             except DiffattrError:  # left by an unfinished run under other settings, or damaged: redone
                 pass
@@ -81,9 +82,9 @@ def write_shards(
             if len(value) != stop - start:
                 raise ValueError(f"{key}: {len(value)} rows for shard rows [{start}, {stop})")
         keys = sorted(tensors)
-        write_tensors(path, tensors, {STAMP_KEY: _shard_stamp(stamp, index)})
+        write_tensors(path, tensors, {STAMP_KEY: _shard_stamp(stamp, index, shard_rows)})
     if keys is None:  # every shard was already there
-        keys = sorted(read_header(_shard_file(folder, 0), _shard_stamp(stamp, 0)))
+        keys = sorted(read_header(_shard_file(folder, 0), _shard_stamp(stamp, 0, shard_rows)))
     index = {"num_rows": num_rows, "shard_rows": shard_rows, "keys": keys, "stamp": stamp}
     write_json(folder / INDEX_FILE, index)
 
@@ -168,7 +169,7 @@ class ShardedTensor:
     def _shard(self, index: int) -> torch.Tensor:
         if self._cached is None or self._cached[0] != index:
             path = _shard_file(self.folder, index)
-            tensor = read_tensors(path, stamp=_shard_stamp(self.stamp, index)).get(self.key)
+            tensor = read_tensors(path, stamp=_shard_stamp(self.stamp, index, self.shard_rows)).get(self.key)
             if tensor is None:
                 raise DiffattrError(f"{path}: no tensor {self.key!r}; delete {self.folder} to recompute")
             rows = min(self.shard_rows, self.num_rows - index * self.shard_rows)
