@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from diffattr.baselines import SCORERS, ScorerContext
-from diffattr.candidates import RETRIEVERS, candidate_rows, retrieval_column
-from diffattr.config import AttributionConfig, GradientConfig, ScoringConfig
+from diffattr.candidates import candidate_rows, retrieval_column
+from diffattr.config import RETRIEVERS, AttributionConfig, GradientConfig, ScoringConfig
 from diffattr.denoisers import DiffusionModel
 from diffattr.engine import Engine, Queries, TrainingSet
 from diffattr.gradients import kernel_scores

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .audit import AuditInputs, AuditReport, run_audit
 from .baselines import SCORERS, Scorer, ScorerContext, method_names
-from .candidates import DUPLICATE_RADIUS, RETRIEVERS, Prefilter, candidate_rows, retrieval_column
-from .config import MAX_IMAGE_PIXELS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
+from .candidates import DUPLICATE_RADIUS, Prefilter, candidate_rows, retrieval_column
+from .config import MAX_IMAGE_PIXELS, RETRIEVERS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig
 from .data import (
     Columns,
     ImageRecord,
@@ -727,19 +727,17 @@ class Attributor:
             return scorer.featurise(images, rows, self.ids[start:stop], description=f"training set{part}")
 
         if not scorer.cached:
-            features = ComputedRows(num_images, ENCODING_SHARD_ROWS, featurise)
-        else:
-            folder, stamp = self.run.features_dir(scorer.name, scorer.feature_settings())
-            if not shards_complete(folder):
-                write_shards(
-                    folder,
-                    num_images,
-                    lambda start, stop: {"features": featurise(start, stop)},
-                    shard_rows=ENCODING_SHARD_ROWS,
-                    stamp=stamp,
-                )
-            features = ShardedTensor.open(folder, stamp=stamp, num_rows=num_images)["features"]
-        return features
+            return ComputedRows(num_images, ENCODING_SHARD_ROWS, featurise)
+        folder, stamp = self.run.features_dir(scorer.name, scorer.feature_settings())
+        if not shards_complete(folder):
+            write_shards(
+                folder,
+                num_images,
+                lambda start, stop: {"features": featurise(start, stop)},
+                shard_rows=ENCODING_SHARD_ROWS,
+                stamp=stamp,
+            )
+        return ShardedTensor.open(folder, stamp=stamp, num_rows=num_images)["features"]
 
     def _attribute_baseline(self, method: str, queries: list[_Query], k: int) -> list[AttributionResult]:
         scorer = self.scorer(method)

@@ -89,9 +89,9 @@ class Scorer:
         a row source with ``chunks()`` (``shards.py``), scored chunk by chunk."""
         import torch
 
-        from .gradients import feature_chunks
+        from .shards import row_chunks
 
-        return torch.cat([self.score_block(query_features, chunk) for chunk in feature_chunks(train_features)], 1)
+        return torch.cat([self.score_block(query_features, chunk) for chunk in row_chunks(train_features)], 1)
 
     def score_block(self, query_features: torch.Tensor, train_block: torch.Tensor) -> torch.Tensor:
         """``(Q, B)`` scores against a block of training features (a score depends on one pair only)."""

@@ -25,15 +25,11 @@ from typing import NamedTuple
 
 import torch
 
+from .shards import row_chunks
+
 # RMS difference (in the model's space; pixels in [-1, 1]) up to which two images are near duplicates:
 # the audit's copy tolerance.
 DUPLICATE_RADIUS = 0.02
-
-
-RETRIEVERS = {
-    "l2": "RMS distance of the encodings",
-    "loss": "RMS distance of the encodings, and the perturbed copy's score at one timestep",
-}
 
 
 class Prefilter(NamedTuple):
@@ -51,22 +47,14 @@ class Prefilter(NamedTuple):
 def retrieval_column(num_timesteps: int) -> int:
     """The grid column ``--retriever loss`` scores every image at: the one nearest the first quartile
     of the noise levels (t ≈ T/4 on the default grid; of t ≈ T/4, T/2 and 3T/4, it kept the most of
-    the full pass's top-10 on the customization protocol, ``benchmarks/eval_retrievers.py``)."""
+    the full pass's top-10 on the customization protocol, in a one-off comparison on the bundled toy)."""
     return round((num_timesteps - 1) / 4)
-
-
-def _chunks(encodings, chunk_rows: int = 1024):
-    if hasattr(encodings, "chunks"):  # a ShardedTensor: one shard at a time
-        yield from encodings.chunks()
-    else:
-        for start in range(0, len(encodings), chunk_rows):
-            yield encodings[start : start + chunk_rows]
 
 
 def rms_distances(query: torch.Tensor, encodings) -> torch.Tensor:
     """``(N,)`` RMS distance between ``query`` ``(C, H, W)`` and every encoding ``(N, C, H, W)``."""
     flat = query.detach().flatten().float().cpu()
-    parts = [(chunk.flatten(1).float() - flat).pow(2).mean(1).sqrt() for chunk in _chunks(encodings)]
+    parts = [(chunk.flatten(1).float() - flat).pow(2).mean(1).sqrt() for chunk in row_chunks(encodings, 1024)]
     return torch.cat(parts)
 
 

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 from .baselines import method_names
-from .config import MAX_IMAGE_PIXELS, AttributionConfig, AuditConfig, GradientConfig, ScoringConfig, flag_name
+from .config import (
+    MAX_IMAGE_PIXELS,
+    RETRIEVERS,
+    AttributionConfig,
+    AuditConfig,
+    GradientConfig,
+    ScoringConfig,
+    flag_name,
+)
 from .errors import DiffattrError
 from .names import name_problem
 
@@ -157,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument(
         "--retriever",
         default="l2",
-        choices=["l2", "loss"],
+        choices=sorted(RETRIEVERS),
         help="how --candidates are found: l2, the M nearest encodings (default); loss, those and the M the "
         "query's perturbed copy moves most at one timestep (one more pass at 1 of the K timesteps)",
     )

@@ -235,6 +235,13 @@ def _check_regex(name: str, value: str) -> None:
         raise DiffattrError(f"{flag} {value!r}: not a valid regular expression ({error})") from None
 
 
+# ``--retriever`` of ``--candidates`` (``candidates.py``), with what each records in result.json.
+RETRIEVERS = {
+    "l2": "RMS distance of the encodings",
+    "loss": "RMS distance of the encodings, and the perturbed copy's score at one timestep",
+}
+
+
 @dataclass(frozen=True)
 class GradientConfig(_JSONConfig):
     """Settings of the gradient baselines (--method tracin / dtrak)."""

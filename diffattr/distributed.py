@@ -106,7 +106,7 @@ def _in_place(tensor: torch.Tensor, collective) -> None:
 
 def all_sum(tensor: torch.Tensor) -> None:
     """The sum over processes of ``tensor``, in place, on every process."""
-    _in_place(tensor, _torch().distributed.all_reduce if is_initialized() else None)
+    _in_place(tensor, lambda data: _torch().distributed.all_reduce(data))
 
 
 def broadcast(tensor: torch.Tensor) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +32,7 @@ from .errors import DiffattrError
 from .losses import denoising_loss, gradients_of
 from .noise import draw_noise, noise_key
 from .perturb import select_parameters
+from .shards import row_chunks
 
 # The scalar each method differentiates: the denoising loss, or the squared norm of the output.
 _FUNCTIONS = {"tracin": "loss", "dtrak": "square"}
@@ -181,15 +181,10 @@ def projected_gradients(
     return distributed.gather_blocks(features, len(images))
 
 
-def feature_chunks(features) -> Iterator[torch.Tensor]:
-    """Row chunks of ``(N, d)`` features: a tensor whole, a sharded one (``shards.py``) shard by shard."""
-    return features.chunks() if hasattr(features, "chunks") else iter([features])
-
-
 def gram_inverse(train_features, *, damping: float) -> torch.Tensor:
     """``(ΦᵀΦ + λI)⁻¹`` ``(d, d)`` in float64, ``λ = damping × mean eigenvalue of ΦᵀΦ``; ``ΦᵀΦ`` is
     summed chunk by chunk, so memory is ``d²`` whatever N."""
-    gram = sum(chunk.double().T @ chunk.double() for chunk in feature_chunks(train_features))
+    gram = sum(chunk.double().T @ chunk.double() for chunk in row_chunks(train_features))
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues = eigenvalues.clamp_min(0)
     lam = damping * eigenvalues.mean()
@@ -217,11 +212,11 @@ def kernel_scores(
         inverse: :func:`gram_inverse` of Φ at this damping, if already computed (one per training set).
     """
     if math.isinf(damping):
-        return torch.cat([query_features @ chunk.T for chunk in feature_chunks(train_features)], 1)
+        return torch.cat([query_features @ chunk.T for chunk in row_chunks(train_features)], 1)
     if inverse is None:
         inverse = gram_inverse(train_features, damping=damping)
     left = query_features.double() @ inverse
-    scores = torch.cat([left @ chunk.double().T for chunk in feature_chunks(train_features)], 1)
+    scores = torch.cat([left @ chunk.double().T for chunk in row_chunks(train_features)], 1)
     # λ so large that every score falls below float32's smallest normal: they would be 0s
     largest = scores.abs().max() if scores.numel() else scores.new_zeros(())
     if 0 < largest < torch.finfo(torch.float32).tiny:

@@ -205,6 +205,16 @@ class ShardedTensor:
         return torch.cat(list(self.chunks()))
 
 
+def row_chunks(source, chunk_rows: int | None = None) -> Iterator[torch.Tensor]:
+    """The rows of a row source in chunks: a sharded or computed one (``chunks()``) a shard at a
+    time, a tensor whole or, with ``chunk_rows``, that many rows at a time."""
+    if hasattr(source, "chunks"):
+        return source.chunks()
+    if chunk_rows is None:
+        return iter([source])
+    return (source[start : start + chunk_rows] for start in range(0, len(source), chunk_rows))
+
+
 class ComputedRows:
     """Rows computed on demand, ``compute(start, stop)`` a chunk at a time: a row source like
     :class:`ShardedTensor` (``len``, :meth:`chunks`) for values not worth storing."""
