@@ -31,6 +31,11 @@ SECTIONS = [
         "Customization with text: perturbation choices",
     ),
     ("zoo", "benchmarks/eval_zoo.py", "Every model of the zoo: planted duplicates, one model held out"),
+    (
+        "lds_zoo",
+        "benchmarks/eval_lds.py",
+        "LDS on every world of the zoo (100 subset models, 32 + 32 queries), one held out",
+    ),
     ("counterfactual", "benchmarks/eval_counterfactual.py", "Counterfactual: retrain without each query's top-K"),
     ("audit", "benchmarks/eval_audit.py", "Memorization audit"),
     ("zoo_audit", "benchmarks/eval_zoo_audit.py", "Memorization audit on every model of the zoo"),

@@ -1,6 +1,6 @@
 """Counterfactual check (AbU's): retrain without each query's top-K and see how much its loss rises.
 
-On the LDS toy world (``eval_lds.py``: 100 digits at 8x8, a ~180k-parameter UNet), each method
+On an LDS world (``eval_lds.py --world``: 100 images at 8x8 and that world's UNet), each method
 ranks the training images for each query with the full model; then, per query and method, a model
 is retrained from scratch on the training set minus that method's top-K, and one minus K random
 images. Every retrain of one query uses the same seed, so the only difference between its models
@@ -9,7 +9,8 @@ than random removal: reported is the mean over queries of (loss without the top-
 K random images), and how often the top-K removal beat random (query loss: the LDS grid, 20
 timesteps × 8 fixed draws). Models are saved one file each, so a rerun resumes.
 
-    python benchmarks/eval_counterfactual.py               # 16 queries × 6 retrains
+    python benchmarks/eval_counterfactual.py               # digits: 16 queries × 6 retrains
+    python benchmarks/eval_counterfactual.py --world faces
 """
 
 import argparse
@@ -21,7 +22,6 @@ import torch
 from protocol import Setting, all_method_scores, markdown_table, write_results
 
 from diffattr.engine import Queries, TrainingSet
-from diffattr.sampling import generate
 
 METHODS = ("forward-inf[default|calibrated]", "forward-inf[default|loss]", "pixel", "tracin", "dtrak[λ=0.01]")
 RANDOM = "random"
@@ -29,10 +29,12 @@ RANDOM = "random"
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", default="digits", choices=list(eval_lds.WORLDS))
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/lds"), help="models (shared with eval_lds)")
     parser.add_argument("--queries", type=int, default=8, help="generated and held-out queries, each")
     parser.add_argument("--top-k", type=int, default=10, help="K: training images removed per retrain")
     parser.add_argument("--train-steps", type=int, default=600)
+    parser.add_argument("--workers", type=int, default=2, help="processes retraining models (1 thread each)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args()
 
@@ -47,34 +49,38 @@ def removed_sets(scores: dict[str, torch.Tensor], num_images: int, k: int) -> di
 
 
 def main(args):
-    ids, images, heldout_names, heldout_images = eval_lds.load_world(10, args.queries)
+    world, work = eval_lds.WORLDS[args.world], args.work / args.world
+    data = eval_lds.load_world(world, args.queries)
+    ids, images, labels = data.ids, data.images, data.labels if world.conditional else None
     progress = not args.quiet
-    full = eval_lds.trained_model(
-        args.work / "full.safetensors", images, steps=args.train_steps, seed=10_000, progress=progress
-    )
-    generated = generate(full, seeds=list(range(args.queries)), progress=progress)
-    queries = Queries(
-        torch.cat([generated, heldout_images]),
-        None,
-        [f"generated/seed{s}" for s in range(args.queries)] + heldout_names[: args.queries],
-    )
+    full = eval_lds.trained_model(world, work / "full.safetensors", images, labels, steps=args.train_steps, seed=10_000)
+    queries = eval_lds.world_queries(world, data, full, args.queries, progress=progress)
     scores, seconds = all_method_scores(
-        full, TrainingSet(images, None, ids), queries, settings=[Setting()], gradient_timesteps=(10,), progress=progress
+        full,
+        TrainingSet(images, labels, ids),
+        queries,
+        settings=[Setting()],
+        gradient_timesteps=(10,),
+        progress=progress,
     )
     sets = removed_sets(scores, len(ids), args.top_k)
-    losses = {name: [] for name in sets}
     start = time.perf_counter()
-    for q, query_name in enumerate(queries.names):
-        one = Queries(queries.encodings[q : q + 1], None, [query_name])
+    paths, jobs = {}, []  # (query, method) -> its retrained model; the retrains run side by side
+    for q in range(len(queries.names)):
         for name, removed in sets.items():
             keep = torch.ones(len(ids), dtype=torch.bool)
             keep[removed[q]] = False
             key = "-".join(map(str, sorted(removed[q].tolist())))
-            path = args.work / "counterfactual" / f"{args.top_k}-{args.train_steps}-{q}-{key}.safetensors"
-            model = eval_lds.trained_model(path, images[keep], steps=args.train_steps, seed=30_000 + q, progress=False)
-            losses[name].append(eval_lds.query_losses(model, one).item())
-        if progress:
-            print(f"query {q + 1}/{len(queries.names)} retrained ({time.perf_counter() - start:.0f}s)", flush=True)
+            path = paths[q, name] = work / "counterfactual" / f"{args.top_k}-{args.train_steps}-{q}-{key}.safetensors"
+            kept_labels = None if labels is None else labels[keep]
+            jobs.append((world, path, images[keep], kept_labels, args.train_steps, 30_000 + q))
+    eval_lds.train_all(jobs, workers=args.workers, progress=progress)
+    losses = {name: [] for name in sets}
+    for q, query_name in enumerate(queries.names):
+        conditions = None if labels is None else queries.conditions[q : q + 1]
+        one = Queries(queries.encodings[q : q + 1], conditions, [query_name])
+        for name in sets:
+            losses[name].append(eval_lds.query_losses(eval_lds.load_model(world, paths[q, name]), one).item())
     kinds = {"generated": slice(0, args.queries), "held-out": slice(args.queries, 2 * args.queries)}
     random_losses = torch.tensor(losses[RANDOM])
     methods, rows = {}, []
@@ -101,7 +107,8 @@ def main(args):
         f"after retraining without {args.top_k} random images (same seed), mean over {args.queries} queries each; "
         f"beats random: the fraction of queries where it is above 1. Retraining: {time.perf_counter() - start:.0f} s."
     )
-    write_results("counterfactual", {"top_k": args.top_k, "seconds": seconds, "methods": methods}, markdown)
+    name = "counterfactual" if args.world == "digits" else f"counterfactual_{args.world}"
+    write_results(name, {"world": args.world, "top_k": args.top_k, "seconds": seconds, "methods": methods}, markdown)
 
 
 if __name__ == "__main__":

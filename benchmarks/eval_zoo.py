@@ -25,13 +25,12 @@ and D-TRAK (fixed λ = 0.01, and the best λ of that model: an oracle).
 """
 
 import argparse
-import dataclasses
 import json
 import tempfile
 
 import torch
 import zoo
-from protocol import DEFAULT, Setting, all_method_scores, markdown_table, write_results
+from protocol import ZOO_SETTINGS, Setting, all_method_scores, leave_one_out, markdown_table, write_results
 
 from diffattr import Attributor, DiffusionModel
 from diffattr.engine import Queries, TrainingSet
@@ -42,37 +41,7 @@ REPLICA_DISTANCE = 0.05
 SAMPLES, MAX_REPLICAS, TRAINING_QUERIES = 64, 8, 16
 QUERIES = [SAMPLES, MAX_REPLICAS, TRAINING_QUERIES, REPLICA_DISTANCE]
 FIXED_DAMPING = "dtrak[λ=0.01]"
-_replace = dataclasses.replace
-SETTINGS = [
-    Setting(),
-    Setting(_replace(DEFAULT, direction="descent", learning_rate=1e-3)),
-    # By effect: a step small enough that the target takes several steps (the default's 10 steps
-    # of 1e-4 raise a memorized toy query's loss 7-30x; one step of 3e-4 already 2-5x).
-    Setting(_replace(DEFAULT, target_change=1.0, steps=50, learning_rate=1e-5)),
-    Setting(_replace(DEFAULT, target_change=4.0, steps=50, learning_rate=1e-5)),
-    Setting(_replace(DEFAULT, direction="descent", target_change=0.5, steps=50, learning_rate=3e-5)),
-    # MUCS's recipe (Sony, 2026) on this engine: AdamW at the training lr (2e-3) / 10, attention,
-    # biases, embeddings and the outer layers frozen, a retain batch of 64, λ = 0.2, stop at
-    # 0.95 L_null, but at most 50 steps (the toy models' queries need more than 200 to get there,
-    # 33 s each on 2 cores); its own score is the `ratio` aggregation.
-    Setting(
-        _replace(
-            DEFAULT,
-            optimizer="adamw",
-            learning_rate=2e-4,
-            params="mucs",
-            retain_batch=64,
-            query_weight=0.2,
-            null_stop=0.95,
-            steps=50,
-        ),
-        label="mucs (≤ 50 steps)",
-    ),
-    # AbU's recipe (Wang et al., NeurIPS 2024) on this engine: ascent on the query with an EWC
-    # penalty from the training loss's diagonal Fisher (mean 1), at two weights; its score is `loss`.
-    Setting(_replace(DEFAULT, ewc_weight=1.0)),
-    Setting(_replace(DEFAULT, ewc_weight=100.0)),
-]
+SETTINGS = ZOO_SETTINGS
 
 
 def parse_args():
@@ -192,17 +161,14 @@ def _merged(reused: dict | None, member: zoo.Member, args) -> dict:
 def choose_held_out(results: dict[str, dict]) -> dict[str, dict]:
     """Per held-out model: the Forward-INF setting best on the others, and its held-out score."""
     names = [n for n in next(iter(results.values()))["methods"] if n.startswith("forward-inf[")]
+    scores = {model: {n: e["score"] for n, e in result["methods"].items()} for model, result in results.items()}
     folds = {}
-    for held_out in results:
-        others = [m for m in results if m != held_out]
-
-        on_others = {name: sum(results[m]["methods"][name]["score"] for m in others) / len(others) for name in names}
-        chosen = max(names, key=on_others.get)  # the first of equals: the list starts at the default
+    for held_out, (chosen, on_others) in leave_one_out(scores, names).items():
         held = results[held_out]["methods"]
         dtrak = {n: e["score"] for n, e in held.items() if n.startswith("dtrak[")}
         folds[held_out] = {
             "chosen": chosen,
-            "score on the others": on_others[chosen],
+            "score on the others": on_others,
             "held-out score": held[chosen]["score"],
             "pixel": held["pixel"]["score"],
             "tracin": held.get("tracin", {}).get("score"),

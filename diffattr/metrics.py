@@ -45,20 +45,16 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     values = values.double()
     order = values.argsort(dim=-1, stable=True)
     sorted_values = values.gather(-1, order)
-    ranks = torch.empty_like(values)
     n = values.shape[-1]
-    for row in range(values.shape[0]):
-        v = sorted_values[row]
-        start = 0
-        row_ranks = torch.empty(n, dtype=torch.float64)
-        while start < n:
-            stop = start
-            while stop + 1 < n and v[stop + 1] == v[start]:
-                stop += 1
-            row_ranks[start : stop + 1] = (start + stop) / 2 + 1
-            start = stop + 1
-        ranks[row, order[row]] = row_ranks
-    return ranks
+    position = torch.arange(n).expand_as(sorted_values)
+    # A run of equal values spans [first, last]; every member's rank is the run's mean position + 1.
+    starts_run = torch.ones_like(sorted_values, dtype=torch.bool)
+    starts_run[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
+    ends_run = torch.ones_like(starts_run)
+    ends_run[..., :-1] = starts_run[..., 1:]
+    first = torch.where(starts_run, position, 0).cummax(-1).values
+    last = torch.where(ends_run, position, n).flip(-1).cummin(-1).values.flip(-1)
+    return torch.empty_like(values).scatter_(-1, order, (first + last).double() / 2 + 1)
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -56,3 +56,14 @@ def test_lds_is_one_when_scores_explain_the_losses_exactly():
     assert linear_datamodeling_score(-scores, subsets, losses).tolist() == pytest.approx([-1.0] * 3)
     mean, spread = bootstrap_lds(scores, subsets, losses, samples=20)
     assert mean == pytest.approx(1.0) and spread == pytest.approx(0.0, abs=1e-9)
+
+
+def test_ranks_share_the_mean_rank_of_ties_like_scipy():
+    from scipy.stats import rankdata
+
+    from diffattr.metrics import _ranks
+
+    generator = torch.Generator().manual_seed(0)
+    for values in (torch.randint(0, 4, (6, 40), generator=generator).double(), torch.randn(3, 50, generator=generator)):
+        assert torch.equal(_ranks(values), torch.from_numpy(rankdata(values.numpy(), axis=-1)))
+    assert _ranks(torch.tensor([[2.0, 2.0, 2.0]])).tolist() == [[2.0, 2.0, 2.0]]
