@@ -259,6 +259,7 @@ class RunDirectory:
         if self.path.exists() and not self.path.is_dir():
             raise DiffattrError(f"--run-dir {self.path} exists and is not a folder")
         self._config: dict | None = None  # config.json as last read or written by this object
+        self.wrote_settings = False  # whether this object wrote config.json into a directory that had none
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -335,6 +336,7 @@ class RunDirectory:
             saved = self.load_config()
             if saved is None:
                 self._write_config(config)
+                self.wrote_settings = True
                 return
             shared = {s: config[s] for s in CHECKED_SECTIONS if s in config and s in saved}
             differences = config_differences(_checked({s: saved[s] for s in shared}), _checked(shared))
@@ -358,12 +360,14 @@ class RunDirectory:
 
     def forget_settings(self) -> None:
         """Removes ``config.json`` and ``ids.json``: a first run that failed before computing
-        anything (a bad training image) leaves no settings behind to refuse the fixed rerun."""
-        if distributed.is_main():
+        anything (a bad training image) leaves no settings behind to refuse the fixed rerun.
+        Only the settings this object wrote: those of a run started beside it are not its to remove."""
+        if self.wrote_settings and distributed.is_main():
             for name in (CONFIG_FILE, IDS_FILE):
                 self.file(name).unlink(missing_ok=True)
         distributed.barrier()
         self._config = None
+        self.wrote_settings = False
 
     def _write_config(self, config: dict) -> None:
         write_json(self.file(CONFIG_FILE), config)

@@ -506,6 +506,29 @@ def test_two_processes_with_different_settings_on_one_run_directory(capsys, tmp_
     assert code == 0, err  # the cache on disk is the winner's, stamps and all
 
 
+def test_a_refused_run_leaves_the_settings_of_the_run_that_wrote_them(tmp_path, tiny_model, tiny_data):
+    """The race above, interleaved by hand: the loser saw no settings when it began, the winner
+    wrote its own before the loser's check, and the loser's refusal must not delete them (it
+    did, so the winner's cache lost its config.json while the winner went on)."""
+    from diffattr import Attributor, ScoringConfig
+    from diffattr.store import RunDirectory
+
+    run = tmp_path / "run"
+    winner = Attributor(tiny_model, tiny_data, run, scoring=ScoringConfig(num_timesteps=3, seed=0), progress=False)
+    loser = Attributor(tiny_model, tiny_data, run, scoring=ScoringConfig(num_timesteps=3, seed=1), progress=False)
+    check = loser.run.check_or_write_config
+
+    def winner_writes_first(config):
+        RunDirectory(run).check_or_write_config(winner.run_config(with_attribution=False))
+        check(config)
+
+    loser.run.check_or_write_config = winner_writes_first
+    with pytest.raises(DiffattrError, match="was made with other settings"):
+        loser.cache()
+    assert json.loads((run / "config.json").read_text())["scoring"]["seed"] == 0
+    winner.cache()  # the saved settings are the winner's
+
+
 # -- found by the final probe -------------------------------------------------------------------
 
 
