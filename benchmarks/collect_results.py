@@ -36,6 +36,11 @@ SECTIONS = [
         "benchmarks/eval_lds.py",
         "LDS on every world of the zoo (100 subset models, 32 + 32 queries), one held out",
     ),
+    (
+        "customization_zoo",
+        "benchmarks/eval_customization.py",
+        "Customization on every world of the zoo (4 concepts x 4 samples), one held out",
+    ),
     ("counterfactual", "benchmarks/eval_counterfactual.py", "Counterfactual: retrain without each query's top-K"),
     ("audit", "benchmarks/eval_audit.py", "Memorization audit"),
     ("zoo_audit", "benchmarks/eval_zoo_audit.py", "Memorization audit on every model of the zoo"),

