@@ -18,7 +18,7 @@ out (the Forward-INF setting chosen on the others by mAP).
     python benchmarks/eval_customization.py                # default setting, ~12 min (2 cores, 1 thread)
     python benchmarks/eval_customization.py --sweep core   # + the Forward-INF sweep, ~25 min
     python benchmarks/eval_customization.py --candidates  # + the default under --candidates M = 0.02N … 0.5N
-    # the zoo (each world's models come from eval_lds.py, trained here if missing), ~5 min a world
+    # the zoo (each world's models come from eval_lds.py, trained here if missing), 15-20 min a world
     python benchmarks/eval_customization.py --world digits --sweep zoo --samples 4
     python benchmarks/eval_customization.py --world faces --sweep zoo --samples 4
     python benchmarks/eval_customization.py --world mnist --sweep zoo --samples 4
