@@ -33,7 +33,7 @@ def parse_args():
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/lds"), help="models (shared with eval_lds)")
     parser.add_argument("--queries", type=int, default=8, help="generated and held-out queries, each")
     parser.add_argument("--top-k", type=int, default=10, help="K: training images removed per retrain")
-    parser.add_argument("--train-steps", type=int, default=600)
+    parser.add_argument("--train-steps", type=int, default=eval_lds.TRAIN_STEPS)
     parser.add_argument("--workers", type=int, default=2, help="processes retraining models (1 thread each)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args()
@@ -53,7 +53,7 @@ def main(args):
     data = eval_lds.load_world(world, args.queries)
     ids, images, labels = data.ids, data.images, data.labels if world.conditional else None
     progress = not args.quiet
-    full = eval_lds.trained_model(world, work / "full.safetensors", images, labels, steps=args.train_steps, seed=10_000)
+    full = eval_lds.full_model(args.world, args.work, data, steps=args.train_steps)
     queries = eval_lds.world_queries(world, data, full, args.queries, progress=progress)
     scores, seconds = all_method_scores(
         full,

@@ -139,8 +139,7 @@ def world_setup(args) -> Setup:
     world = eval_lds.WORLDS[args.world]
     data = eval_lds.load_world(world, len(CONCEPTS) * args.exemplars)
     labels = data.labels if world.conditional else None
-    path = args.work / args.world / "full.safetensors"
-    base = eval_lds.trained_model(world, path, data.images, labels, steps=600, seed=10_000)  # eval_lds's full model
+    base = eval_lds.full_model(args.world, args.work, data)
     images, ids, owner, exemplar_labels = [], [], [], []
     for c, (concept, render) in enumerate(CONCEPTS.items()):
         for j in range(args.exemplars):

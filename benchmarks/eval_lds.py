@@ -74,6 +74,8 @@ from diffattr.training import toy_unet, train_denoiser
 
 RESOLUTION = 8
 TRAIN_IMAGES = 100
+TRAIN_STEPS = 600  # every model of a world: the full one, the subset ones, the counterfactual retrains
+FULL_MODEL_SEED = 10_000  # the subset models take seeds 0 … M-1
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ def parse_args():
     parser.add_argument("--world", default="digits", choices=list(WORLDS))
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work/lds"), help="models, one folder per world")
     parser.add_argument("--subsets", type=int, default=40, help="M: subset models (the zoo's runs: 100)")
-    parser.add_argument("--train-steps", type=int, default=600)
+    parser.add_argument("--train-steps", type=int, default=TRAIN_STEPS)
     parser.add_argument(
         "--queries", type=int, default=8, help="generated and held-out queries, each (the zoo's runs: 32)"
     )
@@ -246,6 +248,15 @@ def trained_model(world: World, path: Path, images, labels, *, steps: int, seed:
     return load_model(world, path)
 
 
+def full_model(world_name: str, work: Path, data: WorldData, *, steps: int = TRAIN_STEPS) -> DiffusionModel:
+    """The world's model trained on all its images (``<work>/<world>/full.safetensors``), trained
+    here unless :func:`main` already did; the base of the counterfactual and customization checks."""
+    world = WORLDS[world_name]
+    labels = data.labels if world.conditional else None
+    path = work / world_name / "full.safetensors"
+    return trained_model(world, path, data.images, labels, steps=steps, seed=FULL_MODEL_SEED)
+
+
 def subset_masks(num_subsets: int, num_images: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(12345)
     masks = torch.zeros(num_subsets, num_images, dtype=torch.bool)
@@ -294,7 +305,7 @@ def main(args):
     progress = not args.quiet
     full_path = work / "full.safetensors"
     subset_paths = [work / f"subset_{m:03d}.safetensors" for m in range(args.subsets)]
-    jobs = [(world, full_path, data.images, labels, args.train_steps, 10_000)]
+    jobs = [(world, full_path, data.images, labels, args.train_steps, FULL_MODEL_SEED)]
     jobs += [
         (world, path, data.images[mask], None if labels is None else labels[mask], args.train_steps, m)
         for m, (path, mask) in enumerate(zip(subset_paths, masks))
